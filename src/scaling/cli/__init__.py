@@ -1,0 +1,3 @@
+"""The ``scaling`` command."""
+
+__all__: list[str] = []

@@ -1,0 +1,1 @@
+"""The model-agnostic engine: config, topology, parallel layers, pipeline, optimizer, data, trainer."""

@@ -1,0 +1,167 @@
+"""``Topology``: this rank's coordinates, its process groups and its device, passed explicitly to whoever
+needs them (no module-level globals).
+
+The rank arithmetic lives in :mod:`scaling.core.topology.rank_math`; this class only binds it to a running
+``torch.distributed`` world.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from scaling.core.topology.config import TopologyConfig
+from scaling.core.topology.device import choose_device_for_this_process
+from scaling.core.topology.rank_math import (
+    Coord,
+    ParallelSizes,
+    coord_of,
+    data_parallel_groups,
+    embedding_groups,
+    model_parallel_groups,
+    pipe_parallel_groups,
+    rank_of,
+    tensor_parallel_groups,
+)
+
+__all__ = ["Topology", "init_distributed"]
+
+
+class Topology:
+    """The (pp, dp, tp) layout bound to the current process group.
+
+    Every rank must construct it (group creation is collective): all groups are created in the same order
+    on every rank, and each rank keeps the ones it belongs to.
+    """
+
+    def __init__(self, config: TopologyConfig, device: torch.device | str | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "Topology needs an initialised torch.distributed process group; "
+                "call scaling.core.topology.init_distributed(config) first"
+            )
+        world = dist.get_world_size()
+        if world != config.n_ranks:
+            raise RuntimeError(
+                f"topology.world_size ({config.n_ranks}) = tp ({config.tp}) x pp ({config.pp}) x dp ({config.dp}) "
+                f"does not match the {world} processes that were launched"
+            )
+        self.config = config
+        self.sizes = ParallelSizes(tp=config.tp, dp=config.dp, pp=config.pp)
+        self.global_rank = dist.get_rank()
+        self.coord: Coord = coord_of(self.global_rank, self.sizes)
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.backend = dist.get_backend()
+
+        self.tp_ranks, self.tp_group = self._create(tensor_parallel_groups(self.sizes))
+        self.dp_ranks, self.dp_group = self._create(data_parallel_groups(self.sizes))
+        self.pp_ranks, self.pp_group = self._create(pipe_parallel_groups(self.sizes))
+        self.model_ranks, self.model_group = self._create(model_parallel_groups(self.sizes))
+        emb_ranks, emb_group = self._create(embedding_groups(self.sizes), may_be_absent=True)
+        self.embedding_ranks: list[int] = emb_ranks
+        self.embedding_group: dist.ProcessGroup | None = emb_group
+
+    def _create(
+        self, groups: list[list[int]], *, may_be_absent: bool = False
+    ) -> tuple[list[int], dist.ProcessGroup | None]:
+        mine: tuple[list[int], dist.ProcessGroup | None] = ([], None)
+        for ranks in groups:
+            group = dist.new_group(ranks)  # collective: every rank creates every group, in the same order
+            if self.global_rank in ranks:
+                mine = (ranks, group)
+        if mine[1] is None and not may_be_absent:
+            raise AssertionError(f"rank {self.global_rank} is in none of {groups}")
+        return mine
+
+    # Coordinates and sizes -------------------------------------------------------------------------
+    @property
+    def tp_rank(self) -> int:
+        return self.coord.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coord.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coord.pp
+
+    @property
+    def tp_size(self) -> int:
+        return self.sizes.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.sizes.dp
+
+    @property
+    def pp_size(self) -> int:
+        return self.sizes.pp
+
+    @property
+    def world_size(self) -> int:
+        return self.sizes.world
+
+    # Pipeline neighbours ---------------------------------------------------------------------------
+    @property
+    def is_first_pipe_stage(self) -> bool:
+        return self.coord.pp == 0
+
+    @property
+    def is_last_pipe_stage(self) -> bool:
+        return self.coord.pp == self.sizes.pp - 1
+
+    @property
+    def prev_pipe_rank(self) -> int | None:
+        """Global rank of the previous stage in this pipeline, or None on the first stage."""
+        if self.is_first_pipe_stage:
+            return None
+        return rank_of(Coord(self.coord.pp - 1, self.coord.dp, self.coord.tp), self.sizes)
+
+    @property
+    def next_pipe_rank(self) -> int | None:
+        """Global rank of the next stage in this pipeline, or None on the last stage."""
+        if self.is_last_pipe_stage:
+            return None
+        return rank_of(Coord(self.coord.pp + 1, self.coord.dp, self.coord.tp), self.sizes)
+
+    @property
+    def tp_src_rank(self) -> int:
+        """Global rank of tp rank 0 in this rank's tp group: the one that reads data and broadcasts it."""
+        return self.tp_ranks[0]
+
+    def __repr__(self) -> str:
+        c = self.coord
+        return (
+            f"Topology(rank={self.global_rank}/{self.world_size}, pp={c.pp}/{self.pp_size}, "
+            f"dp={c.dp}/{self.dp_size}, tp={c.tp}/{self.tp_size}, device={self.device}, backend={self.backend})"
+        )
+
+
+def _default_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(config: TopologyConfig, *, timeout_s: float = 600.0) -> Topology:
+    """Initialise ``torch.distributed`` from the launcher's environment and build the topology.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` (set by ``torch.distributed.run``);
+    without them a single process initialises a world of one, so the same code runs unlaunched.
+    """
+    choice = choose_device_for_this_process(config.device)
+    device = torch.device(choice.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(choice.backend, timeout=timeout)
+        else:
+            store = dist.HashStore()
+            dist.init_process_group(choice.backend, store=store, rank=0, world_size=1, timeout=timeout)
+    return Topology(config, device=device)
