@@ -117,7 +117,7 @@ def test_overrides_parse_yaml_scalars_and_create_sections(tmp_path: Path) -> Non
 
 def test_override_into_lists_and_bad_overrides() -> None:
     assert apply_overrides({"a": [{"b": 1}, {"b": 2}]}, ["a.1.b=5"]) == {"a": [{"b": 1}, {"b": 5}]}
-    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+    with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
         apply_overrides({}, ["no_equals_sign"])
     with pytest.raises(ConfigError, match="not a valid index"):
         apply_overrides({"a": [1]}, ["a.3=2"])

@@ -25,28 +25,20 @@ from scaling.core.topology.rank_math import (
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        ({}, dict(tp=1, pp=1, dp=1, world=1, glob=1, micro=1, gas=1)),
-        ({"world_size": 8, "model_parallel_size": 2}, dict(tp=2, pp=1, dp=4, world=8, glob=4, micro=1, gas=1)),
-        ({"data_parallel_size": 2, "pipe_parallel_size": 2}, dict(tp=1, pp=2, dp=2, world=4, glob=2, micro=1, gas=1)),
-        ({"world_size": 4, "global_batch_size": 16, "micro_batch_size": 2}, dict(tp=1, pp=1, dp=4, world=4, glob=16, micro=2, gas=2)),
-        ({"world_size": 2, "global_batch_size": 8, "gradient_accumulation_steps": 2}, dict(tp=1, pp=1, dp=2, world=2, glob=8, micro=2, gas=2)),
-        ({"world_size": 2, "micro_batch_size": 3, "gradient_accumulation_steps": 4}, dict(tp=1, pp=1, dp=2, world=2, glob=24, micro=3, gas=4)),
-        ({"world_size": 2, "global_batch_size": 6}, dict(tp=1, pp=1, dp=2, world=2, glob=6, micro=3, gas=1)),
-        ({"world_size": 2, "micro_batch_size": 5}, dict(tp=1, pp=1, dp=2, world=2, glob=10, micro=5, gas=1)),
+        ({}, (1, 1, 1, 1, 1, 1, 1)),
+        ({"world_size": 8, "model_parallel_size": 2}, (2, 1, 4, 8, 4, 1, 1)),
+        ({"data_parallel_size": 2, "pipe_parallel_size": 2}, (1, 2, 2, 4, 2, 1, 1)),
+        ({"world_size": 4, "global_batch_size": 16, "micro_batch_size": 2}, (1, 1, 4, 4, 16, 2, 2)),
+        ({"world_size": 2, "global_batch_size": 8, "gradient_accumulation_steps": 2}, (1, 1, 2, 2, 8, 2, 2)),
+        ({"world_size": 2, "micro_batch_size": 3, "gradient_accumulation_steps": 4}, (1, 1, 2, 2, 24, 3, 4)),
+        ({"world_size": 2, "global_batch_size": 6}, (1, 1, 2, 2, 6, 3, 1)),
+        ({"world_size": 2, "micro_batch_size": 5}, (1, 1, 2, 2, 10, 5, 1)),
     ],
 )  # fmt: skip
-def test_sizes_and_batch_trio_are_inferred(given: dict[str, int], expected: dict[str, int]) -> None:
-    config = TopologyConfig.from_dict(given)
-    got = dict(
-        tp=config.tp,
-        pp=config.pp,
-        dp=config.dp,
-        world=config.n_ranks,
-        glob=config.global_batch,
-        micro=config.micro_batch,
-        gas=config.micro_batches,
-    )
-    assert got == expected
+def test_sizes_and_batch_trio_are_inferred(given: dict[str, int], expected: tuple[int, ...]) -> None:
+    """``expected`` is (tp, pp, dp, world, global batch, micro batch, accumulation steps)."""
+    c = TopologyConfig.from_dict(given)
+    assert (c.tp, c.pp, c.dp, c.n_ranks, c.global_batch, c.micro_batch, c.micro_batches) == expected
 
 
 @pytest.mark.parametrize(

@@ -92,8 +92,7 @@ class TopologyConfig(BaseConfig):
                 dp = 1
             elif world % (tp * pp) != 0:
                 raise InvalidCombination(
-                    f"world_size ({world}) is not divisible by model_parallel_size ({tp}) x "
-                    f"pipe_parallel_size ({pp})",
+                    f"world_size ({world}) is not divisible by model_parallel_size ({tp}) x pipe_parallel_size ({pp})",
                     "world_size",
                 )
             else:
@@ -181,7 +180,13 @@ class TopologyConfig(BaseConfig):
 
 
 _BATCH_FIELDS = ("global_batch_size", "micro_batch_size", "gradient_accumulation_steps")
-_SIZE_AND_BATCH_FIELDS = ("model_parallel_size", "pipe_parallel_size", "data_parallel_size", "world_size", *_BATCH_FIELDS)
+_SIZE_AND_BATCH_FIELDS = (
+    "model_parallel_size",
+    "pipe_parallel_size",
+    "data_parallel_size",
+    "world_size",
+    *_BATCH_FIELDS,
+)
 
 
 def _is_int_or_none(value: Any) -> bool:

@@ -119,6 +119,4 @@ def model_parallel_groups(sizes: ParallelSizes) -> list[list[int]]:
 def embedding_groups(sizes: ParallelSizes) -> list[list[int]]:
     """The first and last pipeline stage for a fixed (dp, tp): they share tied embedding weights."""
     stages = sorted({0, sizes.pp - 1})
-    return [
-        [rank_of(Coord(p, d, t), sizes) for p in stages] for d in range(sizes.dp) for t in range(sizes.tp)
-    ]
+    return [[rank_of(Coord(p, d, t), sizes) for p in stages] for d in range(sizes.dp) for t in range(sizes.tp)]

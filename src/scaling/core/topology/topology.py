@@ -162,6 +162,6 @@ def init_distributed(config: TopologyConfig, *, timeout_s: float = 600.0) -> Top
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(choice.backend, timeout=timeout)
         else:
-            store = dist.HashStore()
+            store = dist.HashStore()  # type: ignore[attr-defined]
             dist.init_process_group(choice.backend, store=store, rank=0, world_size=1, timeout=timeout)
     return Topology(config, device=device)
