@@ -1,0 +1,1 @@
+"""Pipeline parallelism: layer specs, partitioning, schedules as data, and the executing module."""
