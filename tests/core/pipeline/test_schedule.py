@@ -12,6 +12,7 @@ from scaling.core.pipeline.schedule import (
     SendActivation,
     SendGrad,
     build_schedule,
+    forward_only,
     gpipe,
     interleaved_one_f_one_b,
     one_f_one_b,
@@ -27,6 +28,13 @@ CASES = [(kind, m, pp, 1) for kind in ("gpipe", "1f1b") for pp in (1, 2, 3, 4) f
 def test_every_schedule_pairs_orders_and_finishes(kind: str, n_micro: int, pp: int, n_chunks: int) -> None:
     schedules = [build_schedule(kind, n_micro, pp, stage, n_chunks) for stage in range(pp)]
     simulate(schedules, n_micro, n_chunks)  # raises on deadlock, mis-ordering, missing or repeated work
+
+
+@pytest.mark.parametrize(("n_micro", "pp", "n_chunks"), [(1, 1, 1), (4, 2, 1), (3, 4, 1), (4, 2, 2), (8, 4, 3)])
+def test_forward_only_schedules_finish(n_micro: int, pp: int, n_chunks: int) -> None:
+    schedules = [forward_only(n_micro, pp, stage, n_chunks) for stage in range(pp)]
+    simulate(schedules, n_micro, n_chunks, backward=False)
+    assert not any(isinstance(i, Backward | RecvGrad | SendGrad) for s in schedules for i in s)
 
 
 def test_one_f_one_b_for_two_stages_exactly() -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "SendActivation",
     "SendGrad",
     "build_schedule",
+    "forward_only",
     "gpipe",
     "interleaved_one_f_one_b",
     "one_f_one_b",
@@ -167,6 +168,16 @@ def interleaved_one_f_one_b(n_micro: int, pp: int, stage: int, n_chunks: int) ->
         backward += 1
     compute += [("B", *_interleaved_order(k, pp, n_chunks, True)) for k in range(backward, total)]
     return _with_comm(compute, pp, stage, n_chunks)
+
+
+def forward_only(n_micro: int, pp: int, stage: int, n_chunks: int = 1) -> list[Instruction]:
+    """Forwards of every micro-batch and chunk (evaluation), in the interleaved order when chunked."""
+    _check(n_micro, pp, stage)
+    if n_chunks == 1:
+        order = [(m, 0) for m in range(n_micro)]
+    else:
+        order = [_interleaved_order(k, pp, n_chunks, False) for k in range(n_micro * n_chunks)]
+    return _with_comm([("F", m, c) for m, c in order], pp, stage, n_chunks)
 
 
 def build_schedule(

@@ -42,7 +42,9 @@ def _neighbour(stage: int, chunk: int, pp: int, step: int) -> tuple[int, int]:
     return virtual % pp, virtual // pp
 
 
-def simulate(schedules: list[list[Instruction]], n_micro: int, n_chunks: int = 1) -> SimulationResult:
+def simulate(
+    schedules: list[list[Instruction]], n_micro: int, n_chunks: int = 1, *, backward: bool = True
+) -> SimulationResult:
     pp = len(schedules)
     n_virtual = pp * n_chunks
     channels: dict[tuple[str, int, int], deque[tuple[int, int]]] = {}
@@ -106,7 +108,7 @@ def simulate(schedules: list[list[Instruction]], n_micro: int, n_chunks: int = 1
             raise ScheduleError(f"deadlock: every unfinished stage waits on a receive: {stuck}")
     expected = {(m, c) for m in range(n_micro) for c in range(n_chunks)}
     for rank in range(pp):
-        if forwarded[rank] != expected or backwarded[rank] != expected:
+        if forwarded[rank] != expected or backwarded[rank] != (expected if backward else set()):
             raise ScheduleError(f"stage {rank} did not run exactly one forward and backward per micro-batch chunk")
     leftovers = {k: list(q) for k, q in channels.items() if q}
     if leftovers:

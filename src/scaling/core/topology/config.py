@@ -72,6 +72,20 @@ class TopologyConfig(BaseConfig):
         description="Split norms and dropout along the sequence over tensor-parallel ranks "
         "(all-gather / reduce-scatter replace the all-reduce).",
     )
+    pipe_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field(
+        "1f1b",
+        description="Pipeline schedule: 'gpipe' (all forwards then all backwards), '1f1b' (bounded activation "
+        "memory), 'interleaved_1f1b' (several model chunks per rank, smaller bubble).",
+    )
+    virtual_pipe_stages: int = Field(
+        1, ge=1, description="Model chunks per pipeline rank; more than 1 needs pipe_schedule 'interleaved_1f1b'."
+    )
+    grad_reduce_bucket_mb: float = Field(
+        25.0,
+        gt=0,
+        description="Size in MiB of the buckets in which gradients are all-reduced over data-parallel ranks; "
+        "a bucket starts reducing as soon as its gradients are ready, overlapping the rest of the backward pass.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="'auto' uses CUDA (NCCL) when available, else CPU (gloo). 'cuda' fails without a GPU."
     )
@@ -141,6 +155,18 @@ class TopologyConfig(BaseConfig):
                 raise InvalidCombination(
                     f"every pipeline stage needs at least one layer, got {method}", "pipe_partition_method"
                 )
+        if self.virtual_pipe_stages > 1 and self.pipe_schedule != "interleaved_1f1b":
+            raise InvalidCombination(
+                f"virtual_pipe_stages ({self.virtual_pipe_stages}) > 1 needs pipe_schedule 'interleaved_1f1b', "
+                f"got {self.pipe_schedule!r}",
+                "virtual_pipe_stages",
+            )
+        if self.pipe_schedule == "interleaved_1f1b" and gas % pp != 0:  # type: ignore[operator]
+            raise InvalidCombination(
+                f"the interleaved schedule needs gradient_accumulation_steps ({gas}) to be a multiple of "
+                f"pipe_parallel_size ({pp})",
+                "gradient_accumulation_steps",
+            )
         return self
 
     # Typed views: after validation the inferred fields are always set.

@@ -91,6 +91,24 @@ class RngTracker:
             self._tp_state = self._get_state()
             self._set_state(outer)
 
+    @property
+    def tp_state(self) -> torch.Tensor:
+        """The tensor-parallel stream's state right now (what a recomputation must start from)."""
+        return self._tp_state.clone()
+
+    @contextlib.contextmanager
+    def replay(self, tp_state: torch.Tensor) -> Iterator[None]:
+        """Run the block with the tensor-parallel stream rewound to ``tp_state``, then restore it.
+
+        Activation checkpointing uses this so a recomputed forward draws the numbers the first one drew.
+        """
+        current = self._tp_state
+        self._tp_state = tp_state.clone()
+        try:
+            yield
+        finally:
+            self._tp_state = current
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Both streams, for checkpoints (uint8 tensors, safe to store as safetensors)."""
         return {"default": self._get_state().clone(), "tensor_parallel": self._tp_state.clone()}

@@ -56,25 +56,29 @@ class Topology:
         self.device = torch.device(device) if device is not None else _default_device()
         self.backend = dist.get_backend()
 
-        self.tp_ranks, self.tp_group = self._create(tensor_parallel_groups(self.sizes))
-        self.dp_ranks, self.dp_group = self._create(data_parallel_groups(self.sizes))
-        self.pp_ranks, self.pp_group = self._create(pipe_parallel_groups(self.sizes))
-        self.model_ranks, self.model_group = self._create(model_parallel_groups(self.sizes))
-        emb_ranks, emb_group = self._create(embedding_groups(self.sizes), may_be_absent=True)
+        self.tp_ranks, self.tp_group = self._create_member(tensor_parallel_groups(self.sizes))
+        self.dp_ranks, self.dp_group = self._create_member(data_parallel_groups(self.sizes))
+        self.pp_ranks, self.pp_group = self._create_member(pipe_parallel_groups(self.sizes))
+        self.model_ranks, self.model_group = self._create_member(model_parallel_groups(self.sizes))
+        emb_ranks, emb_group = self.create_groups(embedding_groups(self.sizes))
         self.embedding_ranks: list[int] = emb_ranks
         self.embedding_group: dist.ProcessGroup | None = emb_group
 
-    def _create(
-        self, groups: list[list[int]], *, may_be_absent: bool = False
-    ) -> tuple[list[int], dist.ProcessGroup | None]:
+    def create_groups(self, groups: list[list[int]]) -> tuple[list[int], dist.ProcessGroup | None]:
+        """Create every group of a family (a collective: all ranks call it with the same list, in the same
+        order) and return the ranks and group this rank belongs to, if any."""
         mine: tuple[list[int], dist.ProcessGroup | None] = ([], None)
         for ranks in groups:
             group = dist.new_group(ranks)  # collective: every rank creates every group, in the same order
             if self.global_rank in ranks:
                 mine = (ranks, group)
-        if mine[1] is None and not may_be_absent:
-            raise AssertionError(f"rank {self.global_rank} is in none of {groups}")
         return mine
+
+    def _create_member(self, groups: list[list[int]]) -> tuple[list[int], dist.ProcessGroup]:
+        ranks, group = self.create_groups(groups)
+        if group is None:
+            raise AssertionError(f"rank {self.global_rank} is in none of {groups}")
+        return ranks, group
 
     # Coordinates and sizes -------------------------------------------------------------------------
     @property

@@ -1,0 +1,395 @@
+"""``ParallelModule``: this rank's layers of a model described as layer specs, and the step that runs
+micro-batches through the pipeline schedule.
+
+What one call of :meth:`ParallelModule.train_step` does on every rank:
+
+1. zero the gradients (they live in the data-parallel bucket buffers);
+2. execute this stage's instruction list (:mod:`scaling.core.pipeline.schedule`): receive, forward,
+   send, receive gradient, backward, send gradient;
+3. average gradients over data-parallel ranks (started during the backward pass, bucket by bucket) and
+   sum the gradients of tied weights over the stages that hold them;
+4. return the loss averaged over micro-batches and data-parallel ranks, on every rank.
+
+With ``pp == 1`` the schedule degenerates to plain gradient accumulation. The result equals one process
+running all ``n_micro x dp`` micro-batches with the loss of each scaled by ``1 / (n_micro x dp)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from scaling.core.nn.dropout import DropoutKey, dropout_key
+from scaling.core.pipeline.checkpointing import checkpointed
+from scaling.core.pipeline.grad_reduce import GradReducer
+from scaling.core.pipeline.layer_spec import LayerSpec, TiedLayerSpec
+from scaling.core.pipeline.p2p import gradient_leaves, recv_activation, recv_grads, send_activation, send_grads
+from scaling.core.pipeline.partition import partition
+from scaling.core.pipeline.schedule import (
+    Backward,
+    Forward,
+    Instruction,
+    RecvActivation,
+    RecvGrad,
+    SendActivation,
+    SendGrad,
+    build_schedule,
+    forward_only,
+)
+from scaling.core.topology.config import ActivationCheckpointingType
+from scaling.core.topology.rank_math import Coord, pipe_parallel_groups, rank_of
+from scaling.core.topology.rng import RngTracker
+from scaling.core.topology.topology import Topology
+
+__all__ = ["LossFn", "ParallelModule", "StepResult"]
+
+LossFn = Callable[[Any, Any], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
+
+
+@dataclass
+class StepResult:
+    """``loss``: mean over micro-batches and data-parallel ranks, identical on every rank.
+    ``metrics``: the loss function's metrics averaged the same way; filled on the last pipeline stage only."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _TiedGroup:
+    key: str
+    group: dist.ProcessGroup | None  # None when only this rank holds the key
+    src: int  # global rank whose copy initialises the others
+    params: list[nn.Parameter]
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class ParallelModule(nn.Module):
+    """Builds this rank's layers from ``layer_specs`` and runs pipeline-parallel training steps.
+
+    Args:
+        layer_specs: the whole model, first layer to last.
+        topology: this rank's layout; its config chooses partitioning, schedule, virtual stages,
+            activation checkpointing and the data-parallel bucket size.
+        loss_fn: ``loss_fn(last_layer_output, batch) -> (loss, metrics)`` on the last stage.
+        input_fn: turns a micro-batch into the first layer's input (default: the batch itself).
+        seed: keys layout-independent dropout masks.
+        rng_tracker: rewound for recomputation under activation checkpointing, if given.
+    """
+
+    def __init__(
+        self,
+        layer_specs: Sequence[LayerSpec],
+        topology: Topology,
+        loss_fn: LossFn,
+        *,
+        input_fn: Callable[[Any], Any] = _identity,
+        seed: int = 0,
+        rng_tracker: RngTracker | None = None,
+    ) -> None:
+        super().__init__()
+        config = topology.config
+        self.topology = topology
+        self.loss_fn = loss_fn
+        self.input_fn = input_fn
+        self.seed = seed
+        self.rng_tracker = rng_tracker
+        self.pp, self.stage = topology.pp_size, topology.pp_rank
+        self.n_chunks = config.virtual_pipe_stages
+        self.n_virtual = self.pp * self.n_chunks
+        self.checkpointing = config.activation_checkpointing_type
+        self.specs = list(layer_specs)
+
+        method = config.pipe_partition_method
+        method_arg = method if isinstance(method, list) else method.value
+        weights = _parameter_counts(self.specs) if method_arg == "balanced" else None
+        self.virtual_ranges = partition(len(self.specs), self.n_virtual, method_arg, weights)
+        self.chunk_ranges = [self.virtual_ranges[c * self.pp + self.stage] for c in range(self.n_chunks)]
+
+        self.layers = nn.ModuleDict()
+        for layer_range in self.chunk_ranges:
+            for index in layer_range:
+                self.layers[str(index)] = self.specs[index].build().to(topology.device)
+        self._tied = self._tie_weights()
+
+        uses: dict[int, int] = {}
+        for layer_range in self.chunk_ranges:
+            seen: set[int] = set()
+            for index in layer_range:
+                for p in self.layers[str(index)].parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        uses[id(p)] = uses.get(id(p), 0) + 1
+        self._uses = uses
+        self.grad_reducer = GradReducer(
+            list(self.parameters()),
+            topology.dp_group,
+            topology.dp_size,
+            int(config.grad_reduce_bucket_mb * 2**20),
+        )
+        # Separate process groups give activations and gradients separate FIFO channels (see schedule.py).
+        self._act_group = topology.pp_group
+        self._grad_group: dist.ProcessGroup = topology.pp_group
+        if self.pp > 1:
+            _, grad_group = topology.create_groups(pipe_parallel_groups(topology.sizes))
+            assert grad_group is not None
+            self._grad_group = grad_group
+        self._local: dict[tuple[str, int], deque[Any]] = {}
+
+    # Construction ---------------------------------------------------------------------------------
+    def _stages_of(self, index: int) -> int:
+        virtual = next(v for v, r in enumerate(self.virtual_ranges) if index in r)
+        return virtual % self.pp
+
+    def _tie_weights(self) -> list[_TiedGroup]:
+        """Share tied parameters on this rank; create one group per key over the stages holding it."""
+        keys: dict[str, list[int]] = {}
+        for index, spec in enumerate(self.specs):
+            if isinstance(spec, TiedLayerSpec):
+                keys.setdefault(spec.key, []).append(index)
+        tied: list[_TiedGroup] = []
+        coord = self.topology.coord
+        sizes = self.topology.sizes
+        for key in sorted(keys):
+            indices = keys[key]
+            stages = sorted({self._stages_of(i) for i in indices})
+            spec0 = self.specs[indices[0]]
+            assert isinstance(spec0, TiedLayerSpec)
+            attributes = spec0.tied_weight_attributes
+            owner: nn.Module | None = None
+            for index in indices:
+                if str(index) not in self.layers:
+                    continue
+                layer = self.layers[str(index)]
+                if owner is None:
+                    owner = layer
+                    continue
+                for attr in attributes:
+                    mine, theirs = getattr(owner, attr), getattr(layer, attr)
+                    if mine.shape != theirs.shape:
+                        raise ValueError(
+                            f"tied key {key!r}: attribute {attr!r} has shape {tuple(theirs.shape)} in layer {index} "
+                            f"but {tuple(mine.shape)} in layer {indices[0]}"
+                        )
+                    setattr(layer, attr, mine)
+            group: dist.ProcessGroup | None = None
+            if len(stages) > 1:
+                families = [
+                    [rank_of(Coord(s, d, t), sizes) for s in stages] for d in range(sizes.dp) for t in range(sizes.tp)
+                ]
+                _, group = self.topology.create_groups(families)
+            if owner is None:
+                continue
+            params = [getattr(owner, attr) for attr in attributes]
+            src = rank_of(Coord(stages[0], coord.dp, coord.tp), sizes)
+            tied.append(_TiedGroup(key, group, src, params))
+            if group is not None:
+                for p in params:  # start from identical copies whatever each stage's init did
+                    dist.broadcast(p.data, src=src, group=group)
+        return tied
+
+    # Running layers -------------------------------------------------------------------------------
+    def _run_chunk(self, chunk: int, x: Any, micro: int, step: int) -> Any:
+        indices = list(self.chunk_ranges[chunk])
+        recompute = self.training and torch.is_grad_enabled()
+
+        def run_layers(first: int, last: int, value: Any) -> Any:
+            for index in indices[first:last]:
+                with dropout_key(DropoutKey(self.seed, step, micro, index)):
+                    value = self.layers[str(index)](value)
+            return value
+
+        if recompute and self.checkpointing == ActivationCheckpointingType.EVERY_PIPE_STAGE:
+            return checkpointed(functools.partial(run_layers, 0, len(indices)), x, rng_tracker=self.rng_tracker)
+        if recompute and self.checkpointing == ActivationCheckpointingType.EVERY_LAYER:
+            for i in range(len(indices)):
+                x = checkpointed(functools.partial(run_layers, i, i + 1), x, rng_tracker=self.rng_tracker)
+            return x
+        return run_layers(0, len(indices), x)
+
+    # Point-to-point, with a local mailbox when the neighbouring virtual stage is on this rank --------
+    def _neighbour(self, chunk: int, step: int) -> tuple[int, int]:
+        virtual = chunk * self.pp + self.stage + step
+        stage = virtual % self.pp
+        rank = rank_of(Coord(stage, self.topology.dp_rank, self.topology.tp_rank), self.topology.sizes)
+        return rank, virtual // self.pp
+
+    def _send_activation(self, value: Any, chunk: int, works: list[Any]) -> None:
+        dst, dst_chunk = self._neighbour(chunk, +1)
+        if dst == self.topology.global_rank:
+            self._local.setdefault(("act", dst_chunk), deque()).append(_detach_tree(value))
+        else:
+            works += send_activation(value, dst, self._act_group, self.topology.device)
+
+    def _recv_activation(self, chunk: int) -> tuple[Any, list[torch.Tensor]]:
+        src, _ = self._neighbour(chunk, -1)
+        if src == self.topology.global_rank:
+            value = self._local[("act", chunk)].popleft()
+            return value, gradient_leaves(value)
+        return recv_activation(src, self._act_group, self.topology.device)
+
+    def _send_grads(self, grads: list[torch.Tensor], chunk: int, works: list[Any]) -> None:
+        dst, dst_chunk = self._neighbour(chunk, -1)
+        if dst == self.topology.global_rank:
+            self._local.setdefault(("grad", dst_chunk), deque()).append(grads)
+        else:
+            works += send_grads(grads, dst, self._grad_group)
+
+    def _recv_grads(self, like: list[torch.Tensor], chunk: int) -> list[torch.Tensor]:
+        src, _ = self._neighbour(chunk, +1)
+        if src == self.topology.global_rank:
+            grads: list[torch.Tensor] = self._local[("grad", chunk)].popleft()
+            return grads
+        return recv_grads(like, src, self._grad_group)
+
+    # Steps ----------------------------------------------------------------------------------------
+    def train_step(self, batches: Sequence[Any], *, step: int = 0, loss_scale: float = 1.0) -> StepResult:
+        """Forward and backward of every micro-batch in ``batches``; gradients end up in ``param.grad``.
+
+        ``batches`` has one entry per micro-batch (entries may be None on stages that need no data: only
+        the first stage reads inputs and only the last reads targets). ``loss_scale`` multiplies the loss
+        before backward (fp16 loss scaling); the returned loss is unscaled.
+        """
+        self.train()
+        n_micro = len(batches)
+        schedule = build_schedule(
+            self.topology.config.pipe_schedule if self.n_chunks > 1 else _one_chunk(self.topology.config.pipe_schedule),
+            n_micro,
+            self.pp,
+            self.stage,
+            self.n_chunks,
+        )
+        self.grad_reducer.zero(n_micro, self._uses)
+        losses, metrics = self._execute(schedule, batches, step, loss_scale / n_micro, backward=True)
+        self.grad_reducer.finish()
+        for tied in self._tied:
+            if tied.group is not None:
+                for p in tied.params:
+                    assert p.grad is not None
+                    dist.all_reduce(p.grad, group=tied.group)
+        return self._reduce_results(losses, metrics)
+
+    @torch.no_grad()
+    def eval_step(self, batches: Sequence[Any], *, step: int = 0) -> StepResult:
+        """Forward only, no gradients; the loss averaged as in :meth:`train_step`."""
+        self.eval()
+        schedule = forward_only(len(batches), self.pp, self.stage, self.n_chunks)
+        losses, metrics = self._execute(schedule, batches, step, 1.0, backward=False)
+        return self._reduce_results(losses, metrics)
+
+    def _execute(
+        self, schedule: list[Instruction], batches: Sequence[Any], step: int, scale: float, *, backward: bool
+    ) -> tuple[list[torch.Tensor], list[Mapping[str, torch.Tensor]]]:
+        n_micro = len(batches)
+        last_virtual = self.n_virtual - 1
+        received: dict[tuple[int, int], tuple[Any, list[torch.Tensor]]] = {}
+        outputs: dict[tuple[int, int], Any] = {}
+        out_grads: dict[tuple[int, int], list[torch.Tensor]] = {}
+        works: list[Any] = []
+        losses: list[torch.Tensor] = []
+        metrics: list[Mapping[str, torch.Tensor]] = []
+        for instr in schedule:
+            key = (instr.micro, instr.chunk)
+            virtual = instr.chunk * self.pp + self.stage
+            match instr:
+                case RecvActivation(micro, chunk):
+                    received[key] = self._recv_activation(chunk)
+                case Forward(micro, chunk):
+                    x = self.input_fn(batches[micro]) if virtual == 0 else received[key][0]
+                    global_micro = self.topology.dp_rank * n_micro + micro
+                    y = self._run_chunk(chunk, x, global_micro, step)
+                    if virtual == last_virtual:
+                        loss, micro_metrics = self.loss_fn(y, batches[micro])
+                        losses.append(loss.detach())
+                        metrics.append({k: v.detach() for k, v in micro_metrics.items()})
+                        if backward:
+                            outputs[key] = loss * scale
+                    else:
+                        outputs[key] = y
+                case SendActivation(micro, chunk):
+                    self._send_activation(outputs[key], chunk, works)
+                    if not backward:
+                        del outputs[key]
+                case RecvGrad(micro, chunk):
+                    out_grads[key] = self._recv_grads(gradient_leaves(outputs[key]), chunk)
+                case Backward(micro, chunk):
+                    if virtual == last_virtual:
+                        outputs.pop(key).backward()
+                    else:
+                        tensors = gradient_leaves(outputs.pop(key))
+                        torch.autograd.backward(tensors, out_grads.pop(key))
+                case SendGrad(micro, chunk):
+                    _, leaves = received.pop(key)
+                    grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+                    self._send_grads(grads, chunk, works)
+        for work in works:
+            work.wait()
+        return losses, metrics
+
+    def _reduce_results(self, losses: list[torch.Tensor], metrics: list[Mapping[str, torch.Tensor]]) -> StepResult:
+        topo = self.topology
+        device = topo.device
+        loss = torch.stack(losses).float().mean() if losses else torch.zeros((), device=device)
+        if self.pp > 1:  # the loss lives on the last stage; every rank reports it
+            last = rank_of(Coord(self.pp - 1, topo.dp_rank, topo.tp_rank), topo.sizes)
+            dist.broadcast(loss, src=last, group=topo.pp_group)
+        averaged: dict[str, torch.Tensor] = {}
+        if metrics:
+            names = sorted(metrics[0])
+            averaged = {n: torch.stack([m[n].float() for m in metrics]).mean() for n in names}
+        if topo.dp_size > 1:
+            packed = torch.stack([loss, *[averaged[n] for n in sorted(averaged)]])
+            dist.all_reduce(packed, group=topo.dp_group)
+            packed /= topo.dp_size
+            loss = packed[0]
+            averaged = {n: packed[i + 1] for i, n in enumerate(sorted(averaged))}
+        return StepResult(loss=loss, metrics=averaged)
+
+    def extra_repr(self) -> str:
+        ranges = ", ".join(f"chunk {c}: layers {r.start}..{r.stop - 1}" for c, r in enumerate(self.chunk_ranges))
+        return f"stage={self.stage}/{self.pp}, {ranges}"
+
+
+def _one_chunk(schedule: str) -> str:
+    return "1f1b" if schedule == "interleaved_1f1b" else schedule
+
+
+def _detach_tree(value: Any) -> Any:
+    """A stage boundary on one rank: cut the graph, keep gradient flow through fresh leaves."""
+    from torch.utils import _pytree as pytree
+
+    def cut(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            fresh = leaf.detach()
+            if leaf.is_floating_point() and leaf.requires_grad:
+                fresh.requires_grad_(True)
+            return fresh
+        return leaf
+
+    return pytree.tree_map(cut, value)
+
+
+def _parameter_counts(specs: Sequence[LayerSpec]) -> list[int]:
+    """Parameter count of each layer, measured by building it on the meta device (no memory, no init)."""
+    counts = []
+    for index, spec in enumerate(specs):
+        try:
+            with torch.device("meta"):
+                layer = spec.build()
+        except Exception as exc:
+            raise ValueError(
+                f"balanced pipeline partitioning builds each layer on the meta device to count parameters; "
+                f"layer {index} ({spec.name}) failed: {exc}"
+            ) from exc
+        counts.append(sum(p.numel() for p in layer.parameters()))
+    return counts
