@@ -30,7 +30,14 @@ from scaling.core.nn.dropout import DropoutKey, dropout_key
 from scaling.core.pipeline.checkpointing import checkpointed
 from scaling.core.pipeline.grad_reduce import GradReducer
 from scaling.core.pipeline.layer_spec import LayerSpec, TiedLayerSpec
-from scaling.core.pipeline.p2p import gradient_leaves, recv_activation, recv_grads, send_activation, send_grads
+from scaling.core.pipeline.p2p import (
+    HeaderCache,
+    gradient_leaves,
+    recv_activation,
+    recv_grads,
+    send_activation,
+    send_grads,
+)
 from scaling.core.pipeline.partition import partition
 from scaling.core.pipeline.schedule import (
     Backward,
@@ -145,6 +152,7 @@ class ParallelModule(nn.Module):
             assert grad_group is not None
             self._grad_group = grad_group
         self._local: dict[tuple[str, int], deque[Any]] = {}
+        self._headers = HeaderCache()
 
     # Construction ---------------------------------------------------------------------------------
     def _stages_of(self, index: int) -> int:
@@ -229,14 +237,14 @@ class ParallelModule(nn.Module):
         if dst == self.topology.global_rank:
             self._local.setdefault(("act", dst_chunk), deque()).append(_detach_tree(value))
         else:
-            works += send_activation(value, dst, self._act_group, self.topology.device)
+            works += send_activation(value, dst, self._act_group, self.topology.device, self._headers)
 
     def _recv_activation(self, chunk: int) -> tuple[Any, list[torch.Tensor]]:
         src, _ = self._neighbour(chunk, -1)
         if src == self.topology.global_rank:
             value = self._local[("act", chunk)].popleft()
             return value, gradient_leaves(value)
-        return recv_activation(src, self._act_group, self.topology.device)
+        return recv_activation(src, self._act_group, self.topology.device, self._headers)
 
     def _send_grads(self, grads: list[torch.Tensor], chunk: int, works: list[Any]) -> None:
         dst, dst_chunk = self._neighbour(chunk, -1)

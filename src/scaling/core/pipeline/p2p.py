@@ -1,9 +1,11 @@
 """Point-to-point transfer of activation pytrees and their gradients between pipeline stages.
 
-An activation is any pytree of tensors (hidden states plus masks, positions...). Each transfer sends a
-small header first (the tree structure, shapes, dtypes and which leaves carry gradients) so the receiver
-needs no prior knowledge of shapes; gradients then flow back for exactly the floating-point leaves that
-require grad, whose shapes both sides already know.
+An activation is any pytree of tensors (hidden states plus masks, positions...). The receiver needs no
+prior knowledge of shapes: each transfer starts with the length of a header (tree structure, shapes,
+dtypes, which leaves carry gradients), then the header, then the leaves. Consecutive micro-batches
+almost always have the same header, so a length of 0 means "same as the previous one on this channel"
+and the header itself is skipped. Gradients flow back for exactly the floating-point leaves that require
+grad, whose shapes both sides already know.
 
 Sends are non-blocking (the caller keeps the returned works alive until it waits); receives block.
 """
@@ -18,7 +20,15 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-__all__ = ["ActivationHeader", "gradient_leaves", "recv_activation", "recv_grads", "send_activation", "send_grads"]
+__all__ = [
+    "ActivationHeader",
+    "HeaderCache",
+    "gradient_leaves",
+    "recv_activation",
+    "recv_grads",
+    "send_activation",
+    "send_grads",
+]
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                                 torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}  # fmt: skip
@@ -45,7 +55,17 @@ def _carries_grad(leaf: torch.Tensor) -> bool:
     return leaf.is_floating_point() and leaf.requires_grad
 
 
-def send_activation(obj: Any, dst: int, group: dist.ProcessGroup, device: torch.device) -> list[Any]:
+class HeaderCache:
+    """The last header sent to / received from each peer on one channel."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, bytes] = {}
+        self.received: dict[int, ActivationHeader] = {}
+
+
+def send_activation(
+    obj: Any, dst: int, group: dist.ProcessGroup, device: torch.device, cache: HeaderCache | None = None
+) -> list[Any]:
     """Start sending ``obj`` to global rank ``dst``; returns the works (keep them until waited)."""
     leaves, spec = pytree.tree_flatten(obj)
     if not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
@@ -57,12 +77,20 @@ def send_activation(obj: Any, dst: int, group: dist.ProcessGroup, device: torch.
         dtypes=[str(leaf.dtype) for leaf in leaves],
         grad=[_carries_grad(leaf) for leaf in leaves],
     ).encode()
-    length = torch.tensor([header.numel()], dtype=torch.int64)
-    tensors = [length.to(device), header.to(device)] + [leaf.detach().contiguous() for leaf in leaves]
+    encoded = header.numpy().tobytes()
+    if cache is not None and cache.sent.get(dst) == encoded:
+        tensors = [torch.zeros(1, dtype=torch.int64, device=device)]
+    else:
+        tensors = [torch.tensor([header.numel()], dtype=torch.int64, device=device), header.to(device)]
+        if cache is not None:
+            cache.sent[dst] = encoded
+    tensors += [leaf.detach().contiguous() for leaf in leaves]
     return [dist.isend(t, dst, group=group) for t in tensors]
 
 
-def recv_activation(src: int, group: dist.ProcessGroup, device: torch.device) -> tuple[Any, list[torch.Tensor]]:
+def recv_activation(
+    src: int, group: dist.ProcessGroup, device: torch.device, cache: HeaderCache | None = None
+) -> tuple[Any, list[torch.Tensor]]:
     """Receive a pytree from ``src``; returns it and the leaves that will carry gradients back.
 
     Those leaves are fresh leaf tensors with ``requires_grad=True``, so after the backward pass their
@@ -70,9 +98,17 @@ def recv_activation(src: int, group: dist.ProcessGroup, device: torch.device) ->
     """
     length = torch.empty(1, dtype=torch.int64, device=device)
     dist.recv(length, src, group=group)
-    raw = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-    dist.recv(raw, src, group=group)
-    header = ActivationHeader.decode(raw.cpu())
+    size = int(length.item())
+    if size == 0:
+        if cache is None or src not in cache.received:
+            raise RuntimeError(f"pipeline peer {src} referred to a previous activation header that was never sent")
+        header = cache.received[src]
+    else:
+        raw = torch.empty(size, dtype=torch.uint8, device=device)
+        dist.recv(raw, src, group=group)
+        header = ActivationHeader.decode(raw.cpu())
+        if cache is not None:
+            cache.received[src] = header
     leaves: list[torch.Tensor] = []
     needs_grad: list[torch.Tensor] = []
     for shape, dtype, grad in zip(header.shapes, header.dtypes, header.grad, strict=True):
