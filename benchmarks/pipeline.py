@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import weakref
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from scaling.core.pipeline.layer_spec import LayerSpec  # noqa: E402
-from scaling.core.pipeline.module import ParallelModule  # noqa: E402
-from scaling.core.testing import run_distributed  # noqa: E402
-from scaling.core.topology import Topology, TopologyConfig  # noqa: E402
+from scaling.core.pipeline.layer_spec import LayerSpec
+from scaling.core.pipeline.module import ParallelModule
+from scaling.core.testing import run_distributed
+from scaling.core.topology import Topology, TopologyConfig
 
 
 class MLPBlock(nn.Module):
