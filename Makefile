@@ -24,7 +24,7 @@ $(STAMP): | $(PY)
 install: $(STAMP)
 
 example: $(STAMP)
-	$(PY) -m scaling.core.runner.smoke
+	$(PY) -m scaling.core.runner examples/world_check/config.yml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,3 @@
+from scaling.core.runner.command_line import main
+
+raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""``python -m scaling.core.runner CONFIG [-o key.path=value ...] [--dry-run]`` (also ``scaling launch``).
+
+The config file is any run config with a ``runner:`` section and a ``topology:`` section (for the world
+size); other sections belong to the launched script and are ignored here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaling.core.config import ConfigError, apply_overrides
+from scaling.core.runner.config import RunnerConfig
+from scaling.core.runner.launch import launch
+from scaling.core.topology.config import TopologyConfig
+
+__all__ = ["load_launch_configs", "main"]
+
+
+def load_launch_configs(path: Path, overrides: Sequence[str] = ()) -> tuple[RunnerConfig, TopologyConfig]:
+    try:
+        document: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"config file {path}: expected a mapping with 'runner' and 'topology' sections")
+    document = apply_overrides(document, overrides)
+    runner = _section(RunnerConfig, document, "runner", path)
+    topology = _section(TopologyConfig, document, "topology", path)
+    return runner, topology
+
+
+def _section(cls: type[Any], document: dict[str, Any], name: str, path: Path) -> Any:
+    data = document.get(name) or {}
+    try:
+        return cls.from_dict(data, source=str(path))
+    except ConfigError as exc:
+        # Name fields from the top of the file: 'runner.master_port', not 'master_port'.
+        message = str(exc).replace("\n  ", f"\n  {name}.")
+        raise ConfigError(message, source=str(path), problems=exc.problems) from None
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m scaling.core.runner") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Start the processes of a run's topology.")
+    parser.add_argument("config", type=Path, help="YAML config with 'runner' and 'topology' sections.")
+    parser.add_argument(
+        "-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE", help="Override a config field."
+    )
+    parser.add_argument("--dry-run", action="store_true", help="Print the commands instead of running them.")
+    args = parser.parse_args(argv)
+    try:
+        runner, topology = load_launch_configs(args.config, args.override)
+        return launch(runner, topology.n_ranks, dry_run=args.dry_run)
+    except ConfigError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2

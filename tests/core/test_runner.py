@@ -1,0 +1,249 @@
+"""Launcher: hostfiles, exact command lines for 2-node pdsh / docker / Slurm, dry runs, and real local launches."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scaling.core.config import ConfigError
+from scaling.core.runner import RunnerConfig, launch, parse_hostfile, plan_launch, read_hostfile
+from scaling.core.runner.command_line import main as runner_main
+from scaling.core.runner.hostfile import Host
+
+HOSTFILE = """
+# two nodes, four processes each
+worker-0 slots=4
+worker-1   slots=4   # trailing comment
+"""
+
+
+def test_hostfile_parsing() -> None:
+    assert parse_hostfile(HOSTFILE) == [Host("worker-0", 4), Host("worker-1", 4)]
+    assert parse_hostfile("a\nb slots=2\n") == [Host("a", None), Host("b", 2)]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("worker-0 slots=4\nworker-1 slots=four\n", "hosts:2: expected 'HOST' or 'HOST slots=N'"),
+        ("worker-0\nworker-0 slots=2\n", "hosts:2: host 'worker-0' is already listed on line 1"),
+        ("worker-0 slots=0\n", "hosts:1: host 'worker-0' has slots=0"),
+        ("# nothing\n\n", "no hosts listed"),
+    ],
+)
+def test_bad_hostfiles_name_file_and_line(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "hosts"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=fragment):
+        read_hostfile(path)
+
+
+def _two_nodes(tmp_path: Path, **extra: object) -> RunnerConfig:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    return RunnerConfig.from_dict(
+        {"hostsfile": str(hostfile), "script": "train.py", "module": False, "script_args": ["cfg.yml"], **extra}
+    )
+
+
+ENV = {"NCCL_DEBUG": "INFO", "HF_HOME": "/data/hf cache"}
+
+
+def test_pdsh_commands_for_two_nodes(tmp_path: Path) -> None:
+    config = _two_nodes(tmp_path, runner_type="pdsh", env_forward=["NCCL_DEBUG", "HF_HOME"], master_port=6000)
+    plan = plan_launch(config, 8, python="/venv/bin/python", cwd="/work/run", env=ENV)
+    remote = (
+        "cd /work/run && export NCCL_DEBUG=INFO && export HF_HOME='/data/hf cache' && "
+        "python -m torch.distributed.run --nnodes=2 --node-rank=%n --nproc-per-node=4 --master-addr=worker-0 "
+        "--master-port=6000 --max-restarts=0 train.py cfg.yml"
+    )
+    assert plan.argv == ["pdsh", "-S", "-R", "ssh", "-f", "1024", "-w", "worker-0,worker-1", remote]
+    assert [(n.host, n.node_rank) for n in plan.nodes] == [("worker-0", 0), ("worker-1", 1)]
+    assert plan.nodes[0].command == remote.replace("%n", "0")
+    assert plan.nodes[1].command == remote.replace("%n", "1")
+    assert "--node-rank=1 " in plan.nodes[1].command
+
+
+def test_pdsh_docker_wraps_the_launcher(tmp_path: Path) -> None:
+    config = _two_nodes(
+        tmp_path,
+        runner_type="pdsh_docker",
+        env_forward=["NCCL_DEBUG"],
+        docker={"image": "scaling:latest", "mounts": ["/data:/data", "/ckpt:/ckpt"], "sudo": True},
+    )
+    plan = plan_launch(config, 8, python="python", cwd="/work/run", env=ENV)
+    node1 = shlex.split(plan.nodes[1].command)
+    assert node1[:6] == ["sudo", "docker", "run", "--rm", "--network=host", "--ipc=host"]
+    assert node1[6:13] == ["--gpus=all", "-v", "/data:/data", "-v", "/ckpt:/ckpt", "-e", "NCCL_DEBUG=INFO"]
+    assert node1[13:16] == ["-w", "/work/run", "scaling:latest"]
+    assert node1[16:18] == ["bash", "-c"]
+    assert node1[18] == (
+        "python -m torch.distributed.run --nnodes=2 --node-rank=1 --nproc-per-node=4 --master-addr=worker-0 "
+        "--master-port=29500 --max-restarts=0 train.py cfg.yml"
+    )
+
+
+def test_slurm_script_for_two_nodes(tmp_path: Path) -> None:
+    config = _two_nodes(
+        tmp_path,
+        runner_type="slurm",
+        log_dir=str(tmp_path / "logs"),
+        slurm={
+            "job_name": "llm",
+            "partition": "gpu",
+            "time": "1:00:00",
+            "gpus_per_node": 4,
+            "extra_sbatch": ["--exclusive"],
+        },
+    )
+    plan = plan_launch(config, 8, python="python", cwd="/work/run", env=ENV)
+    assert plan.argv == ["sbatch", str(tmp_path / "logs" / "llm.sbatch")]
+    script = plan.sbatch_script
+    assert script is not None
+    for line in [
+        "#SBATCH --job-name=llm",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=1:00:00",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --nodelist=worker-0,worker-1",
+        "#SBATCH --exclusive",
+        "cd /work/run",
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "export MASTER_PORT=29500",
+    ]:
+        assert line in script.splitlines(), line
+    srun = script.splitlines()[-1]
+    assert srun.startswith("srun --kill-on-bad-exit=1 bash -c '")
+    inner = shlex.split(srun)[-1]  # single-quoted: every node expands $SLURM_NODEID itself
+    assert inner == (
+        "python -m torch.distributed.run --nnodes=$SLURM_NNODES --node-rank=$SLURM_NODEID --nproc-per-node=4 "
+        "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --max-restarts=0 train.py cfg.yml"
+    )
+
+
+def test_local_command() -> None:
+    plan = plan_launch(RunnerConfig(script="pkg.train", script_args=["a.yml"]), 4, python="py", cwd="/x", env={})
+    assert plan.argv == [
+        "py", "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=4", "--standalone",
+        "--max-restarts=0", "-m", "pkg.train", "a.yml",
+    ]  # fmt: skip
+    fixed = plan_launch(RunnerConfig(master_port=7000, max_restarts=2), 2, python="py", cwd="/x", env={})
+    assert "--master-port=7000" in fixed.argv and "--max-restarts=2" in fixed.argv
+
+
+@pytest.mark.parametrize(
+    ("config", "world", "fragment"),
+    [
+        ({"runner_type": "pdsh"}, 8, "needs hosts or a hostsfile"),
+        ({"runner_type": "pdsh", "hosts": ["a", "b"], "nproc_per_node": 3}, 8, "2 node(s) x 3 processes = 6"),
+        ({"runner_type": "pdsh", "hosts": ["a", "b", "c"]}, 8, "does not divide over 3 nodes"),
+        (
+            {"runner_type": "pdsh", "hosts": ["a"], "env_forward": ["NOT_SET_ANYWHERE"]},
+            1,
+            "not set in this environment",
+        ),
+        ({"runner_type": "slurm"}, 8, "slurm needs nproc_per_node"),
+        ({"nproc_per_node": 3}, 4, "1 node(s) x 3 processes"),
+    ],
+)
+def test_impossible_launches_are_explained(config: dict[str, object], world: int, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        plan_launch(RunnerConfig.from_dict(config), world, python="py", cwd="/x", env={})
+
+
+def _write_config(tmp_path: Path, document: dict[str, object]) -> Path:
+    path = tmp_path / "run.yml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_dry_run_prints_the_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write_config(
+        tmp_path,
+        {
+            "topology": {"data_parallel_size": 8},
+            "runner": {"runner_type": "pdsh", "hosts": ["n0", "n1"]},
+            "trainer": {},
+        },
+    )
+    assert runner_main([str(path), "--dry-run", "-o", "runner.master_port=7777"]) == 0
+    out = capsys.readouterr().out
+    assert "# node 0 (n0):" in out and "# node 1 (n1):" in out
+    assert "--node-rank=1 --nproc-per-node=4 --master-addr=n0 --master-port=7777" in out
+
+
+@pytest.mark.parametrize(
+    ("document", "fragment"),
+    [
+        ({"runner": {"master_port": 70000}}, "runner.master_port: Input should be less than or equal to 65535"),
+        ({"runner": {"runer_type": "local"}}, "runner.runer_type: unknown field (did you mean 'runner_type'?)"),
+        ({"runner": {"hosts": ["a"], "hostsfile": "h"}}, "runner.hostsfile: give hosts or hostsfile, not both"),
+        ({"runner": {"runner_type": "pdsh_docker", "hosts": ["a"]}}, "runner.docker.image: runner_type 'pdsh_docker'"),
+        ({"runner": {"docker": {"mounts": ["data"]}}}, "runner.docker.mounts: mount 'data' must be"),
+        ({"topology": {"world_size": 3, "model_parallel_size": 2}}, "topology.world_size: world_size (3)"),
+    ],
+)
+def test_bad_launch_config_names_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], document: dict[str, object], fragment: str
+) -> None:
+    path = _write_config(tmp_path, document)
+    assert runner_main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert fragment in err
+
+
+ALL_REDUCE_SCRIPT = """
+import os, sys
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+value = torch.tensor([rank + 1.0])
+dist.all_reduce(value)
+with open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w") as f:
+    f.write(f"{value.item()} {dist.get_world_size()} {os.environ['LOCAL_RANK']}")
+dist.destroy_process_group()
+sys.exit(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_real_local_launch_all_reduces(tmp_path: Path) -> None:
+    script = tmp_path / "all_reduce.py"
+    script.write_text(ALL_REDUCE_SCRIPT)
+    config = RunnerConfig(script=str(script), module=False, script_args=[str(tmp_path)], log_dir=tmp_path / "logs")
+    assert launch(config, world_size=2) == 0
+    assert (tmp_path / "rank0.txt").read_text() == "3.0 2 0"
+    assert (tmp_path / "rank1.txt").read_text() == "3.0 2 1"
+
+    failing = RunnerConfig(script=str(script), module=False, script_args=[str(tmp_path), "3"])
+    assert launch(failing, world_size=2) != 0
+
+
+@pytest.mark.timeout(180)
+def test_world_check_example_runs_through_the_cli(tmp_path: Path) -> None:
+    import subprocess
+
+    log_dir = tmp_path / "out"
+    path = _write_config(
+        tmp_path,
+        {
+            "topology": {"model_parallel_size": 2, "pipe_parallel_size": 2},
+            "runner": {"script_args": [str(tmp_path / "run.yml")]},
+            "logger": {"log_dir": str(log_dir)},
+        },
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "scaling.cli.main", "launch", str(path)], capture_output=True, text=True, timeout=170
+    )
+    assert result.returncode == 0, result.stderr
+    assert "world check passed: 4 ranks (tp=2, pp=2, dp=1)" in result.stderr
+    assert (log_dir / "metrics.jsonl").read_text().startswith('{"step": 0, "world_size": 4')
