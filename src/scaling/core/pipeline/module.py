@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scaling.core.nn.dropout import DropoutKey, dropout_key
+from scaling.core.nn.param_meta import get_param_meta, update_param_meta
 from scaling.core.pipeline.checkpointing import checkpointed
 from scaling.core.pipeline.grad_reduce import GradReducer
 from scaling.core.pipeline.layer_spec import LayerSpec, TiedLayerSpec
@@ -75,6 +76,7 @@ class _TiedGroup:
     group: dist.ProcessGroup | None  # None when only this rank holds the key
     src: int  # global rank whose copy initialises the others
     params: list[nn.Parameter]
+    owner: bool  # this rank's copy is the one counted in model-wide norms
 
 
 def _identity(batch: Any) -> Any:
@@ -138,6 +140,7 @@ class ParallelModule(nn.Module):
                         seen.add(id(p))
                         uses[id(p)] = uses.get(id(p), 0) + 1
         self._uses = uses
+        self._sequence_parallel_params = [p for p in self.parameters() if get_param_meta(p).sequence_parallel_grad]
         self.grad_reducer = GradReducer(
             list(self.parameters()),
             topology.dp_group,
@@ -199,8 +202,10 @@ class ParallelModule(nn.Module):
             if owner is None:
                 continue
             params = [getattr(owner, attr) for attr in attributes]
+            for p in params:
+                update_param_meta(p, tied_key=key)
             src = rank_of(Coord(stages[0], coord.dp, coord.tp), sizes)
-            tied.append(_TiedGroup(key, group, src, params))
+            tied.append(_TiedGroup(key, group, src, params, owner=src == self.topology.global_rank))
             if group is not None:
                 for p in params:  # start from identical copies whatever each stage's init did
                     dist.broadcast(p.data, src=src, group=group)
@@ -280,6 +285,9 @@ class ParallelModule(nn.Module):
         self.grad_reducer.zero(n_micro, self._uses)
         losses, metrics = self._execute(schedule, batches, step, loss_scale / n_micro, backward=True)
         self.grad_reducer.finish()
+        for p in self._sequence_parallel_params:  # each tp rank saw only its sequence shard
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.topology.tp_group)
         for tied in self._tied:
             if tied.group is not None:
                 for p in tied.params:
@@ -362,6 +370,23 @@ class ParallelModule(nn.Module):
             loss = packed[0]
             averaged = {n: packed[i + 1] for i, n in enumerate(sorted(averaged))}
         return StepResult(loss=loss, metrics=averaged)
+
+    def parameters_counted_in_norm(self) -> list[nn.Parameter]:
+        """The parameters whose gradients this rank adds to a model-wide norm, so each weight counts once.
+
+        Split parameters count on every tp rank (each holds a different slice); replicated ones only on tp
+        rank 0; tied copies only on the first stage holding them. Summing over the model-parallel group
+        (tp x pp) then gives the norm of the full model.
+        """
+        skip_tied = {id(p) for tied in self._tied if not tied.owner for p in tied.params}
+        counted = []
+        for p in self.parameters():
+            if not p.requires_grad or id(p) in skip_tied:
+                continue
+            if get_param_meta(p).is_replicated and self.topology.tp_rank != 0:
+                continue
+            counted.append(p)
+        return counted
 
     def extra_repr(self) -> str:
         ranges = ", ".join(f"chunk {c}: layers {r.start}..{r.stop - 1}" for c, r in enumerate(self.chunk_ranges))

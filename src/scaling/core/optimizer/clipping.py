@@ -1,0 +1,40 @@
+"""The global gradient norm over every rank of the model, and clipping by it.
+
+Each weight must count exactly once: tensor-parallel slices count on every tp rank, replicated
+parameters once, tied copies once (see ``ParallelModule.parameters_counted_in_norm``). The squares are
+summed locally in fp32 and once over the model-parallel group; data-parallel replicas hold the same
+(averaged) gradients and are not summed again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["clip_grads_", "global_grad_norm"]
+
+
+def global_grad_norm(counted: Iterable[torch.Tensor], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """L2 norm of the full model's gradient, identical on every rank of ``group``; inf/nan propagate."""
+    grads = [p.grad for p in counted if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for grad in grads:
+        squares += grad.detach().float().pow(2).sum()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(squares, group=group)
+    return squares.sqrt()
+
+
+def clip_grads_(params: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
+    """Scale all gradients so their global norm is at most ``max_norm``; returns the norm after clipping.
+
+    No host synchronisation: the factor is computed and applied on the device.
+    """
+    factor = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor.to(p.grad.dtype))
+    return total_norm * factor
