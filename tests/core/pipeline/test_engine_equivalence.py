@@ -47,7 +47,23 @@ def _reference(n_micro_total: int) -> dict[str, Any]:
                 grads[f"layers.{index}.{name}"] = p.grad.clone()
     # Each weight once: the tied head weight is the embedding weight.
     norm_sq = sum(g.pow(2).sum() for n, g in grads.items() if n != f"layers.{N_BLOCKS + 1}.weight")
-    return {"loss": torch.stack(losses).mean(), "grads": grads, "norm": torch.sqrt(norm_sq)}
+    eval_losses = []
+    with torch.no_grad():
+        for layer in layers:
+            layer.eval()
+        for batch in batches(n_micro_total):
+            x = batch
+            for layer in layers:
+                x = layer(x)
+            eval_losses.append(loss_fn(x, batch)[0])
+    tokens = torch.stack([(b["targets"] != -100).sum().float() for b in batches(n_micro_total)]).mean()
+    return {
+        "loss": torch.stack(losses).mean(),
+        "grads": grads,
+        "norm": torch.sqrt(norm_sq),
+        "eval_loss": torch.stack(eval_losses).mean(),
+        "tokens": tokens,
+    }
 
 
 def _parallel(config: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +77,16 @@ def _parallel(config: dict[str, Any]) -> dict[str, Any]:
             if name != "embed.weight":
                 grads[f"layers.{index}.{name}"] = (p.grad.clone(), get_param_meta(p).tp_split_dim)
     norm = global_grad_norm(module.parameters_counted_in_norm(), topo.model_group)
-    return {"coord": (topo.pp_rank, topo.dp_rank, topo.tp_rank), "loss": result.loss, "grads": grads, "norm": norm}
+    evaluated = module.eval_step(mine)
+    return {
+        "coord": (topo.pp_rank, topo.dp_rank, topo.tp_rank),
+        "loss": result.loss,
+        "metrics": result.metrics,
+        "grads": grads,
+        "norm": norm,
+        "eval_loss": evaluated.loss,
+        "last_stage": topo.is_last_pipe_stage,
+    }
 
 
 def _assemble(results: list[dict[str, Any]], tp: int) -> dict[str, torch.Tensor]:
@@ -118,6 +143,9 @@ def test_layout_matches_single_process(config: dict[str, Any]) -> None:
     for result in results:
         torch.testing.assert_close(result["loss"], expected["loss"], **TOL, msg=f"loss on {result['coord']}")
         torch.testing.assert_close(result["norm"], expected["norm"], **TOL, msg=f"grad norm on {result['coord']}")
+        torch.testing.assert_close(result["eval_loss"], expected["eval_loss"], **TOL, msg="eval loss")
+        if result["last_stage"]:
+            torch.testing.assert_close(result["metrics"]["tokens"], expected["tokens"], **TOL, msg="metrics")
 
 
 def _too_many_stages() -> str:
