@@ -70,6 +70,8 @@ def _parallel(config: dict[str, Any]) -> dict[str, Any]:
     topo = Topology(TopologyConfig(**config, gradient_accumulation_steps=N_MICRO))
     module = ParallelModule(model_specs(topo, N_BLOCKS, DROPOUT), topo, Loss(topo), seed=SEED)
     mine = batches(N_MICRO * topo.dp_size)[topo.dp_rank * N_MICRO : (topo.dp_rank + 1) * N_MICRO]
+    if config.get("pipe_partition_method") == "balanced":  # 6 layers of similar size: 3 per stage
+        assert [len(r) for r in module.virtual_ranges] == [3, 3], module.virtual_ranges
     result = module.train_step(mine)
     grads: dict[str, Any] = {}
     for index in module.layers:
@@ -125,6 +127,8 @@ LAYOUTS = [
     {"model_parallel_size": 2, "pipe_parallel_size": 2, "activation_checkpointing_type": "every_layer"},
     {"model_parallel_size": 2, "data_parallel_size": 2, "activation_checkpointing_type": "every_pipe_stage"},
     {"pipe_parallel_size": 2, "data_parallel_size": 2, "pipe_schedule": "gpipe"},
+    {"model_parallel_size": 2, "pipe_parallel_size": 2, "pipe_partition_method": "balanced"},
+    {"pipe_parallel_size": 2, "pipe_partition_method": [1, 5]},
 ]
 
 

@@ -81,3 +81,29 @@ def test_checkpointing_replays_both_rng_streams() -> None:
         grads.append((x.grad.clone(), layer.linear.weight.grad.clone(), out.detach()))
     for plain, recomputed in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
+
+
+def _frozen_parameters_are_left_alone() -> dict[str, object]:
+    from scaling.core.pipeline.layer_spec import LayerSpec
+    from scaling.core.pipeline.module import ParallelModule
+    from scaling.core.topology import Topology, TopologyConfig
+
+    topo = Topology(TopologyConfig(data_parallel_size=2))
+
+    def loss(y: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return y.pow(2).mean(), {}
+
+    module = ParallelModule([LayerSpec(nn.Linear, (4, 4)), LayerSpec(nn.Linear, (4, 4))], topo, loss)
+    frozen = module.layers["0"].weight
+    frozen.requires_grad_(False)
+    reducer = GradReducer(list(module.parameters()), topo.dp_group, topo.dp_size, bucket_bytes=1 << 20)
+    module.grad_reducer = reducer
+    module.train_step([torch.randn(2, 4) + dist.get_rank()])
+    in_buckets = any(p is frozen for b in reducer.buckets for p in b.params)
+    counted = any(p is frozen for p in module.parameters_counted_in_norm())
+    return {"grad_is_none": frozen.grad is None, "in_buckets": in_buckets, "counted": counted}
+
+
+def test_frozen_parameters_get_no_gradient_bucket_or_norm_share() -> None:
+    for result in run_distributed(_frozen_parameters_are_left_alone, 2):
+        assert result == {"grad_is_none": True, "in_buckets": False, "counted": False}

@@ -41,8 +41,8 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = rank * self.vocab_local
         self.sequence_parallel = topology.config.sequence_parallel and tp > 1
         init = init_method or init_normal()
-        weight = local_slice_of_init((num_embeddings, embedding_dim), init, seed, 0, rank, tp, dtype)
-        self.weight = nn.Parameter(weight.to(topology.device))
+        weight = local_slice_of_init((num_embeddings, embedding_dim), init, seed, 0, rank, tp, dtype, topology.device)
+        self.weight = nn.Parameter(weight)
         set_param_meta(self.weight, ParamMeta(tp_split_dim=0))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

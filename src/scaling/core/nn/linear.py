@@ -77,13 +77,13 @@ class ColumnParallelLinear(nn.Module):
         if self.sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: gather_output is not supported with sequence parallelism")
         init = init_method or init_normal()
-        weight = local_slice_of_init((out_features, in_features), init, seed, 0, rank, tp, dtype)
-        self.weight = nn.Parameter(weight.to(topology.device))
+        weight = local_slice_of_init((out_features, in_features), init, seed, 0, rank, tp, dtype, topology.device)
+        self.weight = nn.Parameter(weight)
         set_param_meta(self.weight, ParamMeta(tp_split_dim=0))
         self.bias: nn.Parameter | None = None
         if bias:
-            b = local_slice_of_init((out_features,), init_zeros, seed + 1, 0, rank, tp, dtype)
-            self.bias = nn.Parameter(b.to(topology.device))
+            b = local_slice_of_init((out_features,), init_zeros, seed + 1, 0, rank, tp, dtype, topology.device)
+            self.bias = nn.Parameter(b)
             set_param_meta(self.bias, ParamMeta(tp_split_dim=0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,13 +131,13 @@ class RowParallelLinear(nn.Module):
         if self.sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence parallelism needs input_is_parallel=True")
         init = init_method or init_normal()
-        weight = local_slice_of_init((out_features, in_features), init, seed, 1, rank, tp, dtype)
-        self.weight = nn.Parameter(weight.to(topology.device))
+        weight = local_slice_of_init((out_features, in_features), init, seed, 1, rank, tp, dtype, topology.device)
+        self.weight = nn.Parameter(weight)
         set_param_meta(self.weight, ParamMeta(tp_split_dim=1))
         self.bias: nn.Parameter | None = None
         if bias:
-            b = local_slice_of_init((out_features,), init_zeros, seed + 1, None, rank, tp, dtype)
-            self.bias = nn.Parameter(b.to(topology.device))
+            b = local_slice_of_init((out_features,), init_zeros, seed + 1, None, rank, tp, dtype, topology.device)
+            self.bias = nn.Parameter(b)
             # Under sequence parallelism the bias only sees this rank's tokens: its gradient is partial.
             set_param_meta(self.bias, ParamMeta(sequence_parallel_grad=self.sequence_parallel))
 

@@ -10,7 +10,9 @@ ZeRO sharding, gradient clipping and checkpointing read it, so they never guess 
 * ``sequence_parallel_grad``: replicated parameters that see only this rank's sequence shard under
   sequence parallelism (norm weights), whose gradients must be summed over tp ranks.
 
-Parameters without a record are replicated, untied and trainable.
+Parameters without a record are replicated and untied. Whether a parameter is frozen is not recorded
+here but read from ``param.requires_grad`` (one source of truth): the gradient buckets, the norm and the
+optimizer all skip parameters that do not require grad.
 """
 
 from __future__ import annotations
@@ -102,14 +104,16 @@ def local_slice_of_init(
     rank: int,
     parts: int,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Initialise the *full* tensor from ``seed`` on the CPU and keep this rank's slice.
 
     Any tp size therefore holds exactly the slices of the tp=1 weights: the layout never changes the
-    model. The full tensor exists only transiently, one parameter at a time.
+    model. The full tensor exists only transiently, one parameter at a time. Under a ``torch.device("meta")``
+    context (counting parameters for balanced partitioning) everything stays on the meta device.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     full = torch.empty(tuple(full_shape), dtype=torch.float32)
     init(full, generator)
     local = full if split_dim is None else shard(full, split_dim, rank, parts)
-    return local.to(dtype)
+    return local.to(dtype=dtype, device=None if local.is_meta else device)
