@@ -43,8 +43,7 @@ def _reference(n_micro_total: int) -> dict[str, Any]:
     grads = {}
     for index, layer in enumerate(layers):
         for name, p in layer.named_parameters():
-            if name != "embed.weight":  # the embedding module's alias of "weight"
-                grads[f"layers.{index}.{name}"] = p.grad.clone()
+            grads[f"layers.{index}.{name}"] = p.grad.clone()
     # Each weight once: the tied head weight is the embedding weight.
     norm_sq = sum(g.pow(2).sum() for n, g in grads.items() if n != f"layers.{N_BLOCKS + 1}.weight")
     eval_losses = []
@@ -76,9 +75,8 @@ def _parallel(config: dict[str, Any]) -> dict[str, Any]:
     grads: dict[str, Any] = {}
     for index in module.layers:
         for name, p in module.layers[index].named_parameters(remove_duplicate=False):
-            if name != "embed.weight":
-                grads[f"layers.{index}.{name}"] = (p.grad.clone(), get_param_meta(p).tp_split_dim)
-    norm = global_grad_norm(module.parameters_counted_in_norm(), topo.model_group)
+            grads[f"layers.{index}.{name}"] = (module.main_grad(p).clone(), get_param_meta(p).tp_split_dim)
+    norm = global_grad_norm([module.main_grad(p) for p in module.parameters_counted_in_norm()], topo.model_group)
     evaluated = module.eval_step(mine)
     return {
         "coord": (topo.pp_rank, topo.dp_rank, topo.tp_rank),

@@ -34,17 +34,15 @@ def _seq_dropout(p: float, topology: Topology) -> LayoutInvariantDropout:
     return LayoutInvariantDropout(p)
 
 
-class Embedding(nn.Module):
+class Embedding(VocabParallelEmbedding):
     def __init__(self, topology: Topology, dropout: float) -> None:
-        super().__init__()
-        self.embed = VocabParallelEmbedding(VOCAB, HIDDEN, topology, seed=1, init_method=init_normal(0.5))
-        self.weight = self.embed.weight  # the tied attribute
+        super().__init__(VOCAB, HIDDEN, topology, seed=1, init_method=init_normal(0.5))
         self.dropout = _seq_dropout(dropout, topology)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         tokens = batch["tokens"]
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        return {"h": self.dropout(self.embed(tokens)), "positions": positions}
+        return {"h": self.dropout(super().forward(tokens)), "positions": positions}
 
 
 class Block(nn.Module):

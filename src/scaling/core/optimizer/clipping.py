@@ -16,9 +16,10 @@ import torch.distributed as dist
 __all__ = ["clip_grads_", "global_grad_norm"]
 
 
-def global_grad_norm(counted: Iterable[torch.Tensor], group: dist.ProcessGroup | None) -> torch.Tensor:
-    """L2 norm of the full model's gradient, identical on every rank of ``group``; inf/nan propagate."""
-    grads = [p.grad for p in counted if p.grad is not None]
+def global_grad_norm(grads: Iterable[torch.Tensor], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """L2 norm of the full model's gradient from this rank's counted ``grads`` (each weight once over the
+    model-parallel ``group``), identical on every rank of the group; inf/nan propagate."""
+    grads = list(grads)
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float32, device=device)
     for grad in grads:
@@ -28,13 +29,12 @@ def global_grad_norm(counted: Iterable[torch.Tensor], group: dist.ProcessGroup |
     return squares.sqrt()
 
 
-def clip_grads_(params: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
-    """Scale all gradients so their global norm is at most ``max_norm``; returns the norm after clipping.
+def clip_grads_(grads: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
+    """Scale ``grads`` in place so their global norm is at most ``max_norm``; returns the norm after clipping.
 
     No host synchronisation: the factor is computed and applied on the device.
     """
     factor = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(factor.to(p.grad.dtype))
+    for grad in grads:
+        grad.mul_(factor.to(grad.dtype))
     return total_norm * factor

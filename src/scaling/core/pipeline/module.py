@@ -94,6 +94,9 @@ class ParallelModule(nn.Module):
         input_fn: turns a micro-batch into the first layer's input (default: the batch itself).
         seed: keys layout-independent dropout masks.
         rng_tracker: rewound for recomputation under activation checkpointing, if given.
+        dtype: cast the floating-point parameters to this dtype (bf16/fp16 training); None keeps them.
+        reduce_grads_in_fp32: average gradients over data-parallel ranks in fp32 whatever the parameter
+            dtype; the optimizer reads them through ``main_grad``.
     """
 
     def __init__(
@@ -105,6 +108,8 @@ class ParallelModule(nn.Module):
         input_fn: Callable[[Any], Any] = _identity,
         seed: int = 0,
         rng_tracker: RngTracker | None = None,
+        dtype: torch.dtype | None = None,
+        reduce_grads_in_fp32: bool = True,
     ) -> None:
         super().__init__()
         config = topology.config
@@ -128,7 +133,9 @@ class ParallelModule(nn.Module):
         self.layers = nn.ModuleDict()
         for layer_range in self.chunk_ranges:
             for index in layer_range:
-                self.layers[str(index)] = self.specs[index].build().to(topology.device)
+                layer = self.specs[index].build().to(topology.device)
+                self.layers[str(index)] = layer.to(dtype) if dtype is not None else layer
+        self._canonical_names: dict[int, str] = {}
         self._tied = self._tie_weights()
 
         uses: dict[int, int] = {}
@@ -146,6 +153,7 @@ class ParallelModule(nn.Module):
             topology.dp_group,
             topology.dp_size,
             int(config.grad_reduce_bucket_mb * 2**20),
+            reduce_dtype=torch.float32 if reduce_grads_in_fp32 else None,
         )
         # Separate process groups give activations and gradients separate FIFO channels (see schedule.py).
         self._act_group = topology.pp_group
@@ -202,8 +210,9 @@ class ParallelModule(nn.Module):
             if owner is None:
                 continue
             params = [getattr(owner, attr) for attr in attributes]
-            for p in params:
+            for attr, p in zip(attributes, params, strict=True):
                 update_param_meta(p, tied_key=key)
+                self._canonical_names[id(p)] = f"layers.{indices[0]}.{attr}"
             src = rank_of(Coord(stages[0], coord.dp, coord.tp), sizes)
             tied.append(_TiedGroup(key, group, src, params, owner=src == self.topology.global_rank))
             if group is not None:
@@ -286,13 +295,13 @@ class ParallelModule(nn.Module):
         losses, metrics = self._execute(schedule, batches, step, loss_scale / n_micro, backward=True)
         self.grad_reducer.finish()
         for p in self._sequence_parallel_params:  # each tp rank saw only its sequence shard
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=self.topology.tp_group)
+            if p.requires_grad:
+                dist.all_reduce(self.grad_reducer.main_grad(p), group=self.topology.tp_group)
         for tied in self._tied:
             if tied.group is not None:
                 for p in tied.params:
-                    assert p.grad is not None
-                    dist.all_reduce(p.grad, group=tied.group)
+                    if p.requires_grad:
+                        dist.all_reduce(self.grad_reducer.main_grad(p), group=tied.group)
         return self._reduce_results(losses, metrics)
 
     @torch.no_grad()
@@ -370,6 +379,19 @@ class ParallelModule(nn.Module):
             loss = packed[0]
             averaged = {n: packed[i + 1] for i, n in enumerate(sorted(averaged))}
         return StepResult(loss=loss, metrics=averaged)
+
+    def named_parameters_canonical(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` with names that do not depend on the layout.
+
+        A tied weight is named after the first layer holding it (``layers.0.weight`` for an embedding
+        tied to the head), on every stage, so configs (parameter groups) and checkpoints address it the
+        same way on any layout. Other parameters keep their ``named_parameters`` names.
+        """
+        return [(self._canonical_names.get(id(p), name), p) for name, p in self.named_parameters()]
+
+    def main_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """The final gradient of ``param`` after :meth:`train_step` (fp32 when reducing in fp32)."""
+        return self.grad_reducer.main_grad(param)
 
     def parameters_counted_in_norm(self) -> list[nn.Parameter]:
         """The parameters whose gradients this rank adds to a model-wide norm, so each weight counts once.

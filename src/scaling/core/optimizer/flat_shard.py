@@ -1,0 +1,81 @@
+"""A slot's parameters as one flat fp32 vector, and this data-parallel rank's contiguous share of it.
+
+The flat vector is padded to a multiple of the data-parallel size so every rank owns exactly
+``padded / dp`` elements (balanced partitions; the padding is zeros that never change). Without ZeRO the
+"share" is the whole vector. The pure range arithmetic is what makes a sharded optimizer state reloadable
+on another data-parallel size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["FlatShard", "shard_range"]
+
+
+def shard_range(numel: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, end) of part ``index`` of a vector of ``numel`` elements padded to a multiple of ``parts``."""
+    per_part = -(-numel // parts)
+    return index * per_part, (index + 1) * per_part
+
+
+@dataclass
+class _Piece:
+    param: nn.Parameter
+    flat_start: int  # offset of the parameter in the flat vector
+    lo: int  # overlap with this rank's share, in the parameter's own flat index
+    hi: int
+
+
+class FlatShard:
+    """This rank's share of the flat vector of ``params``, as an fp32 master ``nn.Parameter``."""
+
+    def __init__(self, params: Sequence[nn.Parameter], parts: int, index: int, group: dist.ProcessGroup | None):
+        self.params = list(params)
+        self.parts, self.index, self.group = parts, index, group
+        self.numel = sum(p.numel() for p in self.params)
+        self.start, self.end = shard_range(self.numel, parts, index)
+        self.pieces: list[_Piece] = []
+        offset = 0
+        for p in self.params:
+            lo, hi = max(self.start - offset, 0), min(self.end - offset, p.numel())
+            if lo < hi:
+                self.pieces.append(_Piece(p, offset, lo, hi))
+            offset += p.numel()
+        device = self.params[0].device
+        master = torch.zeros(self.end - self.start, dtype=torch.float32, device=device)
+        self.master = nn.Parameter(master)
+        self.load_from_params()
+
+    def load_from_params(self) -> None:
+        """Master weights from the model's (possibly bf16) parameters."""
+        with torch.no_grad():
+            for piece in self.pieces:
+                at = piece.flat_start + piece.lo - self.start
+                self.master[at : at + piece.hi - piece.lo].copy_(piece.param.detach().reshape(-1)[piece.lo : piece.hi])
+
+    def set_grad(self, grads: dict[int, torch.Tensor]) -> None:
+        """Point the master's ``.grad`` at this share of the given full gradients (keyed by id(param))."""
+        grad = torch.zeros_like(self.master)
+        for piece in self.pieces:
+            at = piece.flat_start + piece.lo - self.start
+            grad[at : at + piece.hi - piece.lo].copy_(grads[id(piece.param)].reshape(-1)[piece.lo : piece.hi])
+        self.master.grad = grad
+
+    def write_back(self) -> None:
+        """Copy updated master weights into the model: all-gather the shares over dp ranks when sharded."""
+        with torch.no_grad():
+            if self.parts == 1:
+                full = self.master.detach()
+            else:
+                full = torch.empty(self.master.numel() * self.parts, dtype=torch.float32, device=self.master.device)
+                dist.all_gather_into_tensor(full, self.master.detach(), group=self.group)
+            offset = 0
+            for p in self.params:
+                p.copy_(full[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()

@@ -1,0 +1,179 @@
+"""AdamW over a :class:`ParallelModule`: fp32 master weights, optional ZeRO-1, loss scaling, clipping.
+
+One call of :meth:`Optimizer.step` after ``module.train_step``:
+
+1. read the averaged gradients (``module.main_grad``, fp32 when reduced in fp32); with fp16 undo the
+   loss scale;
+2. compute the global gradient norm (each weight once over tp x pp); a non-finite norm is an overflow,
+   seen identically by every rank because the norm is reduced over the model group and data-parallel
+   replicas hold the same gradients — the step is skipped and the loss scale lowered;
+3. clip; set each group's learning rate from its schedule;
+4. run ``torch.optim.AdamW`` on the fp32 master shards (the whole vector without ZeRO, ``1 / dp`` of it
+   with ZeRO), then copy the masters back into the model (all-gathered over dp with ZeRO).
+
+The update math is PyTorch's own AdamW applied to flat fp32 vectors, so a single process with
+``torch.optim.AdamW`` is the exact reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scaling.core.optimizer.clipping import clip_grads_, global_grad_norm
+from scaling.core.optimizer.config import OptimizerConfig
+from scaling.core.optimizer.flat_shard import FlatShard, shard_range
+from scaling.core.optimizer.loss_scaler import DynamicLossScaler
+from scaling.core.optimizer.lr_schedule import learning_rate_at
+from scaling.core.optimizer.param_groups import ParamSlot, assign_groups, check_patterns, pattern_match_counts
+from scaling.core.pipeline.module import ParallelModule
+
+__all__ = ["Optimizer", "OptimizerStepResult"]
+
+
+@dataclass
+class OptimizerStepResult:
+    grad_norm: torch.Tensor  # before clipping
+    grad_norm_clipped: torch.Tensor  # after clipping
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    loss_scale: float = 1.0
+    skipped: bool = False
+
+
+class Optimizer:
+    def __init__(self, module: ParallelModule, config: OptimizerConfig) -> None:
+        self.module = module
+        self.config = config
+        topology = module.topology
+        named = [(n, p) for n, p in module.named_parameters_canonical() if p.requires_grad]
+        by_name = dict(named)
+        names = [n for n, _ in named]
+        counts = torch.tensor(pattern_match_counts(names, config.training_groups), dtype=torch.int64)
+        if topology.pp_size > 1:  # each stage holds only its own layers: count matches over the pipeline
+            counts = counts.to(topology.device)
+            dist.all_reduce(counts, group=topology.pp_group)
+        check_patterns(config.training_groups, counts.tolist())
+        self.slots: list[ParamSlot] = assign_groups(names, config.training_groups)
+        parts = topology.dp_size if config.zero else 1
+        index = topology.dp_rank if config.zero else 0
+        self.shards = [
+            FlatShard([by_name[n] for n in slot.names], parts, index, topology.dp_group) for slot in self.slots
+        ]
+        self.adam = torch.optim.AdamW(
+            [
+                {"params": [shard.master], "weight_decay": slot.weight_decay, "lr": 0.0}
+                for slot, shard in zip(self.slots, self.shards, strict=True)
+            ],
+            betas=(config.beta1, config.beta2),
+            eps=config.eps,
+            foreach=False,
+        )
+        dtypes = {p.dtype for _, p in named}
+        self.scaler = (
+            DynamicLossScaler(config.loss_scaler) if torch.float16 in dtypes and config.loss_scaler.enable else None
+        )
+        self._params = [p for _, p in named]
+        self._counted = {id(p) for p in module.parameters_counted_in_norm()}
+
+    @property
+    def loss_scale(self) -> float:
+        """Multiply the loss by this before backward (``module.train_step(..., loss_scale=...)``)."""
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def step(self, step: int) -> OptimizerStepResult:
+        grads = {id(p): self.module.main_grad(p) for p in self._params}
+        if self.scaler is not None:
+            inverse = 1.0 / self.scaler.scale
+            for grad in grads.values():
+                grad.mul_(inverse)
+        topology = self.module.topology
+        counted = [grads[id(p)] for p in self._params if id(p) in self._counted]
+        norm = global_grad_norm(counted, topology.model_group)
+        overflow = not bool(torch.isfinite(norm))  # the one host sync of the step: skip or not
+        lrs = {slot.group.name: learning_rate_at(step, slot.group.learning_rate_schedule) for slot in self.slots}
+        if overflow:
+            scale_before = self.loss_scale
+            if self.scaler is not None:
+                self.scaler.update(found_overflow=True)
+            return OptimizerStepResult(norm, norm, lrs, scale_before, skipped=True)
+        clipped = norm
+        if self.config.gradient_clipping > 0:
+            clipped = clip_grads_(grads.values(), self.config.gradient_clipping, norm)
+        for slot, shard, group in zip(self.slots, self.shards, self.adam.param_groups, strict=True):
+            group["lr"] = lrs[slot.group.name]
+            shard.set_grad(grads)
+        self.adam.step()
+        for shard in self.shards:
+            shard.master.grad = None
+            shard.write_back()
+        scale_used = self.loss_scale
+        if self.scaler is not None:
+            self.scaler.update(found_overflow=False)
+        return OptimizerStepResult(norm, clipped, lrs, scale_used)
+
+    # State ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard: tensors plus the metadata to reload it on another data-parallel size."""
+        slots = []
+        for slot, shard in zip(self.slots, self.shards, strict=True):
+            state = self.adam.state.get(shard.master, {})
+            slots.append(
+                {
+                    "key": slot.key,
+                    "names": list(slot.names),
+                    "shapes": [list(p.shape) for p in shard.params],
+                    "numel": shard.numel,
+                    "parts": shard.parts,
+                    "index": shard.index,
+                    "range": [shard.start, shard.end],
+                    "step": int(state["step"]) if "step" in state else 0,
+                    "master": shard.master.detach().clone(),
+                    "exp_avg": state["exp_avg"].clone() if "exp_avg" in state else torch.zeros_like(shard.master),
+                    "exp_avg_sq": state["exp_avg_sq"].clone()
+                    if "exp_avg_sq" in state
+                    else torch.zeros_like(shard.master),
+                }
+            )
+        return {"slots": slots, "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, shards: list[dict[str, Any]]) -> None:
+        """Load from the state dicts of *all* data-parallel ranks of the saved run (any dp size, any ZeRO
+        setting): each slot's full vectors are reassembled from the saved ranges and re-cut for this rank."""
+        for slot_index, (slot, shard) in enumerate(zip(self.slots, self.shards, strict=True)):
+            saved = sorted((s["slots"][slot_index] for s in shards), key=lambda s: s["index"])
+            first = saved[0]
+            if first["key"] != slot.key or first["names"] != list(slot.names):
+                raise ValueError(
+                    f"optimizer state slot {slot_index} holds {first['key']} with parameters {first['names'][:3]}..., "
+                    f"this model has {slot.key} with {list(slot.names)[:3]}..."
+                )
+            shapes = [list(p.shape) for p in shard.params]
+            if first["shapes"] != shapes:
+                bad = next(i for i, (a, b) in enumerate(zip(first["shapes"], shapes, strict=True)) if a != b)
+                raise ValueError(
+                    f"optimizer state for {slot.names[bad]!r} has shape {first['shapes'][bad]}, "
+                    f"the model has {shapes[bad]}"
+                )
+            if [s["index"] for s in saved] != list(range(first["parts"])):
+                raise ValueError(f"optimizer state of {slot.key}: expected {first['parts']} shards, got {len(saved)}")
+            full = {k: torch.cat([s[k] for s in saved])[: shard.numel] for k in ("master", "exp_avg", "exp_avg_sq")}
+            start, end = shard_range(shard.numel, shard.parts, shard.index)
+            with torch.no_grad():
+                for key in full:
+                    padded = torch.zeros(end - start, dtype=torch.float32, device=shard.master.device)
+                    piece = full[key][start:end]
+                    padded[: piece.numel()].copy_(piece)
+                    full[key] = padded
+                shard.master.copy_(full["master"])
+            self.adam.state[shard.master] = {
+                "step": torch.tensor(float(first["step"])),
+                "exp_avg": full["exp_avg"],
+                "exp_avg_sq": full["exp_avg_sq"],
+            }
+            shard.write_back()
+        scaler_state = shards[0].get("loss_scaler")
+        if self.scaler is not None and scaler_state is not None:
+            self.scaler.load_state_dict(scaler_state)
