@@ -17,7 +17,7 @@ def _all_reduce_round_trip(offset: float) -> dict[str, object]:
     summed = torch.tensor([rank + offset])
     dist.all_reduce(summed)
     gathered = torch.empty(world)
-    dist.all_gather_into_tensor(gathered, torch.tensor([float(rank)]))
+    dist.all_gather_single(gathered, torch.tensor([float(rank)]))
     return {"rank": rank, "world": world, "sum": summed, "gathered": gathered}
 
 

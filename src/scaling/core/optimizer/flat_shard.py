@@ -74,7 +74,7 @@ class FlatShard:
                 full = self.master.detach()
             else:
                 full = torch.empty(self.master.numel() * self.parts, dtype=torch.float32, device=self.master.device)
-                dist.all_gather_into_tensor(full, self.master.detach(), group=self.group)
+                dist.all_gather_single(full, self.master.detach(), group=self.group)
             offset = 0
             for p in self.params:
                 p.copy_(full[offset : offset + p.numel()].view_as(p))
