@@ -67,6 +67,30 @@ class FlatShard:
             grad[at : at + piece.hi - piece.lo].copy_(grads[id(piece.param)].reshape(-1)[piece.lo : piece.hi])
         self.master.grad = grad
 
+    def reduce_scatter_grad(self, grads: dict[int, torch.Tensor]) -> None:
+        """Set the master's ``.grad`` to this share of the data-parallel *mean* of the local gradient sums.
+
+        One reduce-scatter of the slot's flat vector: each rank receives only the share it updates.
+        """
+        flat = torch.zeros(self.master.numel() * self.parts, dtype=torch.float32, device=self.master.device)
+        offset = 0
+        for p in self.params:
+            flat[offset : offset + p.numel()].copy_(grads[id(p)].reshape(-1))
+            offset += p.numel()
+        grad = torch.empty_like(self.master)
+        dist.reduce_scatter_single(grad, flat, group=self.group)
+        self.master.grad = grad.div_(self.parts)
+
+    def squared_norm(self, counted: set[int]) -> torch.Tensor:
+        """Sum of squares of this share's gradient over the parameters in ``counted`` (ids)."""
+        assert self.master.grad is not None
+        total = torch.zeros((), dtype=torch.float32, device=self.master.device)
+        for piece in self.pieces:
+            if id(piece.param) in counted:
+                at = piece.flat_start + piece.lo - self.start
+                total += self.master.grad[at : at + piece.hi - piece.lo].pow(2).sum()
+        return total
+
     def write_back(self) -> None:
         """Copy updated master weights into the model: all-gather the shares over dp ranks when sharded."""
         with torch.no_grad():

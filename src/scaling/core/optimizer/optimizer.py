@@ -4,11 +4,13 @@ One call of :meth:`Optimizer.step` after ``module.train_step``:
 
 1. read the averaged gradients (``module.main_grad``, fp32 when reduced in fp32); with fp16 undo the
    loss scale;
-2. compute the global gradient norm (each weight once over tp x pp); a non-finite norm is an overflow,
-   seen identically by every rank because the norm is reduced over the model group and data-parallel
-   replicas hold the same gradients — the step is skipped and the loss scale lowered;
-3. clip; set each group's learning rate from its schedule;
-4. run ``torch.optim.AdamW`` on the fp32 master shards (the whole vector without ZeRO, ``1 / dp`` of it
+2. with ZeRO, reduce-scatter the local gradient sums over data-parallel ranks straight into this rank's
+   shards (the module's own all-reduce is switched off: half the gradient traffic);
+3. compute the global gradient norm (each weight once over tp x pp, shards summed over dp); a non-finite
+   norm is an overflow, seen identically by every rank because the norm is reduced over every rank that
+   holds a distinct part of it — the step is skipped and the loss scale lowered;
+4. clip; set each group's learning rate from its schedule;
+5. run ``torch.optim.AdamW`` on the fp32 master shards (the whole vector without ZeRO, ``1 / dp`` of it
    with ZeRO), then copy the masters back into the model (all-gathered over dp with ZeRO).
 
 The update math is PyTorch's own AdamW applied to flat fp32 vectors, so a single process with
@@ -77,6 +79,9 @@ class Optimizer:
         )
         self._params = [p for _, p in named]
         self._counted = {id(p) for p in module.parameters_counted_in_norm()}
+        self.sharded = config.zero and topology.dp_size > 1
+        if self.sharded:
+            module.grad_reducer.reduce = False  # reduce-scattered into the shards in step() instead
 
     @property
     def loss_scale(self) -> float:
@@ -90,21 +95,33 @@ class Optimizer:
             for grad in grads.values():
                 grad.mul_(inverse)
         topology = self.module.topology
-        counted = [grads[id(p)] for p in self._params if id(p) in self._counted]
-        norm = global_grad_norm(counted, topology.model_group)
+        if self.sharded:
+            for shard in self.shards:
+                shard.reduce_scatter_grad(grads)
+            squares = torch.stack([shard.squared_norm(self._counted) for shard in self.shards]).sum()
+            dist.all_reduce(squares)  # shards over dp x weights over tp and pp: every rank of the world
+            norm = squares.sqrt()
+        else:
+            counted = [grads[id(p)] for p in self._params if id(p) in self._counted]
+            norm = global_grad_norm(counted, topology.model_group)
         overflow = not bool(torch.isfinite(norm))  # the one host sync of the step: skip or not
         lrs = {slot.group.name: learning_rate_at(step, slot.group.learning_rate_schedule) for slot in self.slots}
         if overflow:
+            for shard in self.shards:
+                shard.master.grad = None
             scale_before = self.loss_scale
             if self.scaler is not None:
                 self.scaler.update(found_overflow=True)
             return OptimizerStepResult(norm, norm, lrs, scale_before, skipped=True)
+        for shard in self.shards:
+            if not self.sharded:
+                shard.set_grad(grads)
         clipped = norm
         if self.config.gradient_clipping > 0:
-            clipped = clip_grads_(grads.values(), self.config.gradient_clipping, norm)
-        for slot, shard, group in zip(self.slots, self.shards, self.adam.param_groups, strict=True):
+            master_grads = [shard.master.grad for shard in self.shards if shard.master.grad is not None]
+            clipped = clip_grads_(master_grads, self.config.gradient_clipping, norm)
+        for slot, group in zip(self.slots, self.adam.param_groups, strict=True):
             group["lr"] = lrs[slot.group.name]
-            shard.set_grad(grads)
         self.adam.step()
         for shard in self.shards:
             shard.master.grad = None

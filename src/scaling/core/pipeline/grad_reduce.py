@@ -13,6 +13,10 @@ Two modes, by ``reduce_dtype``:
 * a wider dtype (fp32 for bf16/fp16 parameters): autograd accumulates into ``param.grad`` as usual, the
   bucket holds an fp32 copy that is reduced, and :meth:`GradReducer.main_grad` returns it. The optimizer
   reads gradients only through ``main_grad``.
+
+With ZeRO the optimizer switches the reduction off (``reduce = False``): the buffers then hold this
+rank's local gradient sums, and the optimizer reduce-scatters them straight into its shards, moving half
+the bytes of an all-reduce.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class GradReducer:
     ) -> None:
         self.group = group
         self.size = size
+        self.reduce = True  # average over data-parallel ranks here; False when the optimizer does it
         trainable = [p for p in params if p.requires_grad]
         self.buckets: list[_Bucket] = []
         self._slot: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, index in bucket)
@@ -109,6 +114,8 @@ class GradReducer:
         self._next_launch = 0
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if not self.reduce:
+            return
         key = id(param)
         self._seen[key] = self._seen.get(key, 0) + 1
         if self._seen[key] != self._expected.get(key):
@@ -141,7 +148,7 @@ class GradReducer:
 
     def finish(self) -> None:
         """Launch what is left (parameters that got no gradient), wait, and turn the sums into means."""
-        if self.size == 1:
+        if self.size == 1 or not self.reduce:
             for bucket in self.buckets:
                 self._collect(bucket)
             return
