@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scaling.core.config import ConfigError
+from scaling.core.nn.precision import PrecisionConfig
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.layer_spec import LayerSpec
@@ -28,9 +30,14 @@ BF16_RELATIVE_TOLERANCE = 1.5e-2
 BF16_UPDATE_TOLERANCE = 5e-2
 
 
+def _precision(dtype: torch.dtype) -> PrecisionConfig:
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    return PrecisionConfig.from_dict({"precision": name})
+
+
 def _train(dtype: torch.dtype, steps: int, lr: float) -> dict[str, torch.Tensor]:
     topo = Topology(TopologyConfig(data_parallel_size=dist.get_world_size(), gradient_accumulation_steps=2))
-    module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo), dtype=dtype)
+    module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo), precision=_precision(dtype))
     config = {"gradient_clipping": 1.0, "training_groups": [{"learning_rate_schedule": {"learning_rate": lr}}]}
     optimizer = Optimizer(module, OptimizerConfig.from_dict(config))
     for step in range(steps):
@@ -67,7 +74,7 @@ def _sum_loss(y: torch.Tensor, batch: Any) -> tuple[torch.Tensor, dict[str, torc
 
 def _tiny_updates(steps: int) -> dict[str, Any]:
     topo = Topology(TopologyConfig())
-    module = ParallelModule([LayerSpec(_Ones)], topo, _sum_loss, dtype=torch.bfloat16)
+    module = ParallelModule([LayerSpec(_Ones)], topo, _sum_loss, precision=_precision(torch.bfloat16))
     config = {"gradient_clipping": 0, "training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-4}}]}
     optimizer = Optimizer(module, OptimizerConfig.from_dict(config))
     bf16_only = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
@@ -118,12 +125,16 @@ class _Overflowing(Loss):
 def _fp16_run(overflow_step: int, steps: int) -> dict[str, Any]:
     topo = Topology(TopologyConfig(data_parallel_size=dist.get_world_size()))
     loss = _Overflowing(topo, overflow_step)
-    module = ParallelModule(model_specs(topo, 1, 0.0), topo, loss, dtype=torch.float16)
+    module = ParallelModule(model_specs(topo, 1, 0.0), topo, loss, precision=_precision(torch.float16))
     config = {
         "training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-3}}],
         "loss_scaler": {"initial_scale": 1024.0, "growth_interval": 2, "hysteresis": 1},
     }
     optimizer = Optimizer(module, OptimizerConfig.from_dict(config))
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("scaling.optimizer").addHandler(handler)
     scales, skipped, changed = [], [], []
     for step in range(steps):
         loss.step = step
@@ -133,11 +144,12 @@ def _fp16_run(overflow_step: int, steps: int) -> dict[str, Any]:
         skipped.append(result.skipped)
         scales.append(optimizer.loss_scale)
         changed.append(any(not torch.equal(b, p) for b, p in zip(before, module.parameters(), strict=True)))
-    return {"skipped": skipped, "scales": scales, "changed": changed}
+    return {"skipped": skipped, "scales": scales, "changed": changed, "logged": logged}
 
 
 def test_fp16_overflow_skips_that_step_everywhere_and_the_scale_recovers() -> None:
     results = run_distributed(_fp16_run, 2, 1, 5)
+    assert all(r["logged"] == ["step 1: gradient norm is nan, update skipped; loss scale 1024 -> 512"] for r in results)
     for result in results:  # every rank agrees, though only rank 0 overflowed
         assert result["skipped"] == [False, True, False, False, False]
         assert result["changed"] == [True, False, True, True, True]

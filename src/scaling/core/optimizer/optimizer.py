@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from scaling.core.logging import get_logger
 from scaling.core.optimizer.clipping import clip_grads_, global_grad_norm
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.flat_shard import FlatShard, shard_range
@@ -34,6 +35,8 @@ from scaling.core.optimizer.param_groups import ParamSlot, assign_groups, check_
 from scaling.core.pipeline.module import ParallelModule
 
 __all__ = ["Optimizer", "OptimizerStepResult"]
+
+_logger = get_logger("scaling.optimizer")
 
 
 @dataclass
@@ -112,6 +115,13 @@ class Optimizer:
             scale_before = self.loss_scale
             if self.scaler is not None:
                 self.scaler.update(found_overflow=True)
+            _logger.warning(
+                "step %d: gradient norm is %s, update skipped; loss scale %g -> %g",
+                step,
+                float(norm),
+                scale_before,
+                self.loss_scale,
+            )
             return OptimizerStepResult(norm, norm, lrs, scale_before, skipped=True)
         for shard in self.shards:
             if not self.sharded:

@@ -28,6 +28,7 @@ from torch import nn
 
 from scaling.core.nn.dropout import DropoutKey, dropout_key
 from scaling.core.nn.param_meta import get_param_meta, update_param_meta
+from scaling.core.nn.precision import PrecisionConfig, cast_floating
 from scaling.core.pipeline.checkpointing import checkpointed
 from scaling.core.pipeline.grad_reduce import GradReducer
 from scaling.core.pipeline.layer_spec import LayerSpec, TiedLayerSpec
@@ -94,9 +95,8 @@ class ParallelModule(nn.Module):
         input_fn: turns a micro-batch into the first layer's input (default: the batch itself).
         seed: keys layout-independent dropout masks.
         rng_tracker: rewound for recomputation under activation checkpointing, if given.
-        dtype: cast the floating-point parameters to this dtype (bf16/fp16 training); None keeps them.
-        reduce_grads_in_fp32: average gradients over data-parallel ranks in fp32 whatever the parameter
-            dtype; the optimizer reads them through ``main_grad``.
+        precision: dtype of parameters and of floating-point model inputs, and whether gradients are
+            averaged in fp32 (the optimizer reads them through ``main_grad``). Default: fp32 throughout.
     """
 
     def __init__(
@@ -108,11 +108,12 @@ class ParallelModule(nn.Module):
         input_fn: Callable[[Any], Any] = _identity,
         seed: int = 0,
         rng_tracker: RngTracker | None = None,
-        dtype: torch.dtype | None = None,
-        reduce_grads_in_fp32: bool = True,
+        precision: PrecisionConfig | None = None,
     ) -> None:
         super().__init__()
         config = topology.config
+        precision = precision or PrecisionConfig()
+        self.dtype = precision.precision.dtype
         self.topology = topology
         self.loss_fn = loss_fn
         self.input_fn = input_fn
@@ -133,8 +134,7 @@ class ParallelModule(nn.Module):
         self.layers = nn.ModuleDict()
         for layer_range in self.chunk_ranges:
             for index in layer_range:
-                layer = self.specs[index].build().to(topology.device)
-                self.layers[str(index)] = layer.to(dtype) if dtype is not None else layer
+                self.layers[str(index)] = self.specs[index].build().to(device=topology.device, dtype=self.dtype)
         self._canonical_names: dict[int, str] = {}
         self._tied = self._tie_weights()
 
@@ -153,7 +153,7 @@ class ParallelModule(nn.Module):
             topology.dp_group,
             topology.dp_size,
             int(config.grad_reduce_bucket_mb * 2**20),
-            reduce_dtype=torch.float32 if reduce_grads_in_fp32 else None,
+            reduce_dtype=torch.float32 if precision.reduce_grads_in_fp32 else None,
         )
         # Separate process groups give activations and gradients separate FIFO channels (see schedule.py).
         self._act_group = topology.pp_group
@@ -330,7 +330,8 @@ class ParallelModule(nn.Module):
                 case RecvActivation(micro, chunk):
                     received[key] = self._recv_activation(chunk)
                 case Forward(micro, chunk):
-                    x = self.input_fn(batches[micro]) if virtual == 0 else received[key][0]
+                    first = virtual == 0
+                    x = cast_floating(self.input_fn(batches[micro]), self.dtype) if first else received[key][0]
                     global_micro = self.topology.dp_rank * n_micro + micro
                     y = self._run_chunk(chunk, x, global_micro, step)
                     if virtual == last_virtual:
