@@ -390,6 +390,10 @@ class ParallelModule(nn.Module):
         """
         return [(self._canonical_names.get(id(p), name), p) for name, p in self.named_parameters()]
 
+    def is_tied_copy(self, param: nn.Parameter) -> bool:
+        """True for a tied weight held by a stage that is not its first holder (checkpoints skip it)."""
+        return any(not tied.owner and any(p is param for p in tied.params) for tied in self._tied)
+
     def main_grad(self, param: nn.Parameter) -> torch.Tensor:
         """The final gradient of ``param`` after :meth:`train_step` (fp32 when reducing in fp32)."""
         return self.grad_reducer.main_grad(param)

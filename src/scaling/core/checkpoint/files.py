@@ -1,0 +1,77 @@
+"""Durable writes and safe reads of checkpoint files.
+
+Writes go to a temporary name, are fsynced, then renamed: a reader sees the old file or the new one,
+never half of one. Reads use safetensors (no code execution) and turn any parse failure into one error
+naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = ["CheckpointError", "fsync_dir", "read_json", "read_tensors", "write_json", "write_tensors"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model; the message says where."""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    _replace_atomically(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file; a damaged file raises ``CheckpointError``."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated: {exc}") from None
+    return tensors, metadata
+
+
+def write_json(path: Path, data: Any) -> None:
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+
+    _replace_atomically(path, write)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is corrupt: {exc}") from None

@@ -1,0 +1,62 @@
+"""Where things live inside a checkpoint directory. Pure path arithmetic, no I/O.
+
+::
+
+    save_dir/
+      latest                       # text: "global_step{N}", replaced atomically after every rank finished
+      global_step{N}/
+        manifest.json              # version, step, topology it was written on, run config
+        model/layer_{i:05d}.safetensors          # full (unsharded) tensors of layer i + split metadata
+        optimizer/pp{p}_tp{t}_dp{d}.safetensors  # one optimizer shard + its slot metadata
+        rank_state/rank{r:05d}.safetensors       # per-rank RNG states and similar
+        user_state/...                           # anything the caller adds (data position, ...)
+      .global_step{N}.incomplete/  # a save in progress; never read
+
+File names depend on layer indices and coordinates, never on which rank wrote them, so any layout can
+find what it needs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+__all__ = [
+    "LATEST",
+    "MANIFEST",
+    "incomplete_dir",
+    "layer_file",
+    "optimizer_file",
+    "rank_state_file",
+    "step_dir",
+    "step_of",
+]
+
+LATEST = "latest"
+MANIFEST = "manifest.json"
+_STEP = re.compile(r"^global_step(\d+)$")
+
+
+def step_dir(save_dir: Path, step: int) -> Path:
+    return save_dir / f"global_step{step}"
+
+
+def incomplete_dir(save_dir: Path, step: int) -> Path:
+    return save_dir / f".global_step{step}.incomplete"
+
+
+def step_of(path: Path) -> int | None:
+    match = _STEP.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def layer_file(checkpoint: Path, layer: int) -> Path:
+    return checkpoint / "model" / f"layer_{layer:05d}.safetensors"
+
+
+def optimizer_file(checkpoint: Path, pp: int, tp: int, dp: int) -> Path:
+    return checkpoint / "optimizer" / f"pp{pp}_tp{tp}_dp{dp}.safetensors"
+
+
+def rank_state_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / "rank_state" / f"rank{rank:05d}.safetensors"
