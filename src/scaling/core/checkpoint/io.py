@@ -1,15 +1,16 @@
 """Save and load checkpoints that do not depend on the layout they were written on.
 
-Model weights are stored full-size, one safetensors file per layer (tensor-parallel shards are gathered
-before writing and sliced again on loading), so weights load onto any (tp, pp, dp). Optimizer shards are
-stored per rank with their flat ranges, so they reload onto any data-parallel size with the same tp and
-pp. A save becomes visible only when complete: every rank writes into ``.global_step{N}.incomplete``,
-then rank 0 renames it and replaces ``latest``, both atomically.
+Model weights and the optimizer's per-parameter state (fp32 master, both Adam moments) are stored
+full-size, one safetensors file per layer each: tensor-parallel slices are gathered before writing, ZeRO
+shards all-gathered, and loading slices them again for the new layout. So a run resumes with weights and
+optimizer state on any (tp, pp, dp). A save becomes visible only when complete: every rank writes into
+``.global_step{N}.incomplete``, then rank 0 renames it and replaces ``latest``, both atomically.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,8 +32,8 @@ from scaling.core.checkpoint.layout import (
     LATEST,
     MANIFEST,
     incomplete_dir,
-    layer_file,
-    optimizer_file,
+    model_layer_file,
+    optimizer_layer_file,
     rank_state_file,
     step_dir,
     step_of,
@@ -73,8 +74,6 @@ def _commit(save_dir: Path, step: int, keep_last: int | None) -> Path:
     latest_tmp = save_dir / f".{LATEST}.tmp"
     latest_tmp.write_text(final.name, encoding="utf-8")
     with open(latest_tmp, "rb") as handle:
-        import os
-
         os.fsync(handle.fileno())
     latest_tmp.replace(save_dir / LATEST)
     fsync_dir(save_dir)
@@ -112,15 +111,14 @@ def save_checkpoint(
         work.mkdir()
     dist.barrier()
 
-    _save_model(work, module)
-    if optimizer is not None and (optimizer.sharded or topo.dp_rank == 0):
-        state = optimizer.state_dict()
-        tensors = {
-            f"slot{i}.{k}": s[k] for i, s in enumerate(state["slots"]) for k in ("master", "exp_avg", "exp_avg_sq")
-        }
-        slots = [{k: v for k, v in s.items() if not isinstance(v, torch.Tensor)} for s in state["slots"]]
-        metadata = {"slots": json.dumps(slots), "loss_scaler": json.dumps(state["loss_scaler"])}
-        write_tensors(optimizer_file(work, topo.pp_rank, topo.tp_rank, topo.dp_rank), tensors, metadata)
+    _save_per_layer(work, module, {id(p): {"": p.detach()} for p in module.parameters()}, model_layer_file)
+    if optimizer is not None:
+        states = optimizer.parameter_states()  # collective over dp when sharded
+        steps = optimizer.steps_taken()
+        slot_of = {name: slot.key for slot in optimizer.slots for name in slot.names}
+        optimizer_tensors = {pid: {f".{k}": v for k, v in state.items()} for pid, state in states.items()}
+        steps_of = {name: str(steps[key]) for name, key in slot_of.items()}
+        _save_per_layer(work, module, optimizer_tensors, optimizer_layer_file, extra=steps_of)
     if rank_state:
         write_tensors(rank_state_file(work, topo.global_rank), dict(rank_state))
     dist.barrier()
@@ -129,7 +127,12 @@ def save_checkpoint(
             "version": FORMAT_VERSION,
             "step": step,
             "topology": _topology_record(module),
-            "optimizer": None if optimizer is None else {"zero": optimizer.sharded},
+            "optimizer": None
+            if optimizer is None
+            else {
+                "zero": optimizer.sharded,
+                "loss_scaler": optimizer.scaler.state_dict() if optimizer.scaler else None,
+            },
             "config": dict(config) if config is not None else None,
         }
         write_json(work / MANIFEST, manifest)
@@ -138,28 +141,42 @@ def save_checkpoint(
     return final
 
 
-def _save_model(work: Path, module: ParallelModule) -> None:
+def _save_per_layer(
+    work: Path,
+    module: ParallelModule,
+    tensors_of: dict[int, dict[str, torch.Tensor]],
+    file_of: Any,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """Write, per layer, the full-size tensors ``tensors_of[id(param)]`` (suffix -> this rank's slice).
+
+    Tensor-parallel slices are all-gathered over the first data-parallel replica's tp group; its tp rank
+    0 writes. Tied copies are written once, by their first stage. ``extra``: per canonical parameter name,
+    a string stored in the file's metadata (the optimizer's step count).
+    """
     topo = module.topology
     by_layer: dict[int, dict[str, torch.Tensor]] = {}
-    splits: dict[int, dict[str, str]] = {}
+    meta: dict[int, dict[str, str]] = {}
     for name, p in module.named_parameters_canonical():
-        if module.is_tied_copy(p):
+        if module.is_tied_copy(p) or id(p) not in tensors_of or topo.dp_rank != 0:
             continue
         layer, key = _layer_and_key(name)
         split = get_param_meta(p).tp_split_dim
-        full = p.detach()
-        if split is not None and topo.tp_size > 1:
-            if topo.dp_rank != 0:
-                continue  # only the first replica writes; its tp group gathers
-            parts = [torch.empty_like(full) for _ in range(topo.tp_size)]
-            dist.all_gather(parts, full.contiguous(), group=topo.tp_group)
-            full = torch.cat(parts, dim=split)
-        by_layer.setdefault(layer, {})[key] = full
-        splits.setdefault(layer, {})[key] = "none" if split is None else str(split)
+        for suffix, local in tensors_of[id(p)].items():
+            full = local
+            if split is not None and topo.tp_size > 1:
+                parts = [torch.empty_like(local) for _ in range(topo.tp_size)]
+                dist.all_gather(parts, local.contiguous(), group=topo.tp_group)
+                full = torch.cat(parts, dim=split)
+            by_layer.setdefault(layer, {})[key + suffix] = full
+        entry = {"tp_split_dim": split}
+        if extra is not None and name in extra:
+            entry["step"] = int(extra[name])
+        meta.setdefault(layer, {})[key] = json.dumps(entry)
     if topo.dp_rank != 0 or topo.tp_rank != 0:
         return
     for layer, tensors in by_layer.items():
-        write_tensors(layer_file(work, layer), tensors, {"tp_split_dim": json.dumps(splits[layer])})
+        write_tensors(file_of(work, layer), tensors, meta[layer])
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -209,63 +226,74 @@ def load_checkpoint(
     return info
 
 
-def _load_model(checkpoint: Path, module: ParallelModule, missing: str) -> None:
+def _read_full(
+    checkpoint: Path,
+    module: ParallelModule,
+    name: str,
+    p: torch.Tensor,
+    suffix: str,
+    file_of: Any,
+    cache: dict[Path, tuple[dict[str, torch.Tensor], dict[str, str]]],
+) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """This rank's slice of the stored full tensor ``name + suffix``, and the parameter's metadata."""
     topo = module.topology
-    cache: dict[int, dict[str, torch.Tensor]] = {}
+    layer, key = _layer_and_key(name)
+    path = file_of(checkpoint, layer)
+    if path not in cache:
+        cache[path] = read_tensors(path) if path.is_file() else ({}, {})
+    tensors, metadata = cache[path]
+    full = tensors.get(key + suffix)
+    if full is None:
+        return None, {}
+    split = get_param_meta(p).tp_split_dim
+    expected = list(p.shape)
+    if split is not None:
+        expected[split] *= topo.tp_size
+    if list(full.shape) != expected:
+        raise CheckpointError(
+            f"parameter {name!r}: the checkpoint holds shape {list(full.shape)} ({path}), the model expects {expected}"
+        )
+    local = full if split is None or topo.tp_size == 1 else shard(full, split, topo.tp_rank, topo.tp_size)
+    return local, json.loads(metadata.get(key, "{}"))
+
+
+def _load_model(checkpoint: Path, module: ParallelModule, missing: str) -> None:
+    cache: dict[Path, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
     for name, p in module.named_parameters_canonical():
-        layer, key = _layer_and_key(name)
-        path = layer_file(checkpoint, layer)
-        if layer not in cache:
-            cache[layer] = read_tensors(path)[0] if path.is_file() else {}
-        full = cache[layer].get(key)
-        if full is None:
+        local, _ = _read_full(checkpoint, module, name, p, "", model_layer_file, cache)
+        if local is None:
             if missing == "keep_initialised":
                 continue
+            where = model_layer_file(checkpoint, _layer_and_key(name)[0])
             raise CheckpointError(
-                f"parameter {name!r} is not in the checkpoint ({path}); pass missing='keep_initialised'"
+                f"parameter {name!r} is not in the checkpoint ({where}); "
+                "pass missing='keep_initialised' to keep its initial value"
             )
-        split = get_param_meta(p).tp_split_dim
-        expected = list(p.shape)
-        if split is not None:
-            expected[split] *= topo.tp_size
-        if list(full.shape) != expected:
-            raise CheckpointError(
-                f"parameter {name!r}: the checkpoint holds shape {list(full.shape)} ({path}), "
-                f"the model expects {expected}"
-            )
-        local = full if split is None or topo.tp_size == 1 else shard(full, split, topo.tp_rank, topo.tp_size)
         with torch.no_grad():
             p.copy_(local.to(dtype=p.dtype, device=p.device))
 
 
 def _load_optimizer(checkpoint: Path, manifest: dict[str, Any], module: ParallelModule, optimizer: Optimizer) -> None:
-    saved = manifest["topology"]
-    mine = _topology_record(module)
     if manifest.get("optimizer") is None:
         raise CheckpointError(f"{checkpoint} has no optimizer state; load with load_optimizer=False")
-    for axis in ("tp", "pp", "virtual_pipe_stages"):
-        if saved[axis] != mine[axis]:
-            raise CheckpointError(
-                f"optimizer state in {checkpoint} was saved with {axis}={saved[axis]}, this run has "
-                f"{axis}={mine[axis]}: optimizer state reshards over data-parallel sizes only; resume with "
-                "load_optimizer=False to load the weights onto this layout"
-            )
-    topo = module.topology
-    ranks = range(saved["dp"]) if manifest["optimizer"]["zero"] else range(1)
-    shards = []
-    for dp in ranks:
-        path = optimizer_file(checkpoint, topo.pp_rank, topo.tp_rank, dp)
-        tensors, metadata = read_tensors(path)
-        try:
-            slots = json.loads(metadata["slots"])
-            scaler = json.loads(metadata["loss_scaler"])
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"checkpoint file {path} has no valid optimizer metadata: {exc}") from None
-        for i, slot in enumerate(slots):
-            for key in ("master", "exp_avg", "exp_avg_sq"):
-                slot[key] = tensors[f"slot{i}.{key}"]
-        shards.append({"slots": slots, "loss_scaler": scaler})
-    try:
-        optimizer.load_state_dict(shards)
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"optimizer state in {checkpoint} does not fit this model: {exc}") from None
+    cache: dict[Path, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    steps: dict[str, int] = {}
+    slot_of = {name: slot.key for slot in optimizer.slots for name in slot.names}
+    for name, p in module.named_parameters_canonical():
+        if name not in slot_of:
+            continue  # frozen
+        entry: dict[str, torch.Tensor] = {}
+        for stat in ("master", "exp_avg", "exp_avg_sq"):
+            local, meta = _read_full(checkpoint, module, name, p, f".{stat}", optimizer_layer_file, cache)
+            if local is None:
+                raise CheckpointError(
+                    f"optimizer state of {name!r} ({stat}) is not in {checkpoint}; resume with load_optimizer=False"
+                )
+            entry[stat] = local
+            steps[slot_of[name]] = int(meta.get("step", 0))
+        states[id(p)] = entry
+    optimizer.load_parameter_states(states, steps)
+    scaler_state = manifest["optimizer"].get("loss_scaler")
+    if optimizer.scaler is not None and scaler_state is not None:
+        optimizer.scaler.load_state_dict(scaler_state)

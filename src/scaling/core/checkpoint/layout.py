@@ -6,8 +6,8 @@
       latest                       # text: "global_step{N}", replaced atomically after every rank finished
       global_step{N}/
         manifest.json              # version, step, topology it was written on, run config
-        model/layer_{i:05d}.safetensors          # full (unsharded) tensors of layer i + split metadata
-        optimizer/pp{p}_tp{t}_dp{d}.safetensors  # one optimizer shard + its slot metadata
+        model/layer_{i:05d}.safetensors      # full (unsharded) weights of layer i + split metadata
+        optimizer/layer_{i:05d}.safetensors  # full fp32 master, exp_avg, exp_avg_sq of layer i + steps
         rank_state/rank{r:05d}.safetensors       # per-rank RNG states and similar
         user_state/...                           # anything the caller adds (data position, ...)
       .global_step{N}.incomplete/  # a save in progress; never read
@@ -25,8 +25,8 @@ __all__ = [
     "LATEST",
     "MANIFEST",
     "incomplete_dir",
-    "layer_file",
-    "optimizer_file",
+    "model_layer_file",
+    "optimizer_layer_file",
     "rank_state_file",
     "step_dir",
     "step_of",
@@ -50,12 +50,12 @@ def step_of(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def layer_file(checkpoint: Path, layer: int) -> Path:
+def model_layer_file(checkpoint: Path, layer: int) -> Path:
     return checkpoint / "model" / f"layer_{layer:05d}.safetensors"
 
 
-def optimizer_file(checkpoint: Path, pp: int, tp: int, dp: int) -> Path:
-    return checkpoint / "optimizer" / f"pp{pp}_tp{tp}_dp{dp}.safetensors"
+def optimizer_layer_file(checkpoint: Path, layer: int) -> Path:
+    return checkpoint / "optimizer" / f"layer_{layer:05d}.safetensors"
 
 
 def rank_state_file(checkpoint: Path, rank: int) -> Path:

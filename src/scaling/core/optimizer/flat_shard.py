@@ -67,6 +67,21 @@ class FlatShard:
             grad[at : at + piece.hi - piece.lo].copy_(grads[id(piece.param)].reshape(-1)[piece.lo : piece.hi])
         self.master.grad = grad
 
+    def gather(self, share: torch.Tensor) -> torch.Tensor:
+        """The full flat vector (unpadded) from every rank's ``share`` of it; collective when sharded."""
+        if self.parts == 1:
+            return share[: self.numel]
+        full = torch.empty(share.numel() * self.parts, dtype=share.dtype, device=share.device)
+        dist.all_gather_single(full, share.contiguous(), group=self.group)
+        return full[: self.numel]
+
+    def local_share(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's padded share of an unpadded full flat vector."""
+        share = torch.zeros(self.end - self.start, dtype=full.dtype, device=full.device)
+        piece = full[self.start : min(self.end, self.numel)]
+        share[: piece.numel()].copy_(piece)
+        return share
+
     def reduce_scatter_grad(self, grads: dict[int, torch.Tensor]) -> None:
         """Set the master's ``.grad`` to this share of the data-parallel *mean* of the local gradient sums.
 
@@ -94,11 +109,7 @@ class FlatShard:
     def write_back(self) -> None:
         """Copy updated master weights into the model: all-gather the shares over dp ranks when sharded."""
         with torch.no_grad():
-            if self.parts == 1:
-                full = self.master.detach()
-            else:
-                full = torch.empty(self.master.numel() * self.parts, dtype=torch.float32, device=self.master.device)
-                dist.all_gather_single(full, self.master.detach(), group=self.group)
+            full = self.gather(self.master.detach())
             offset = 0
             for p in self.params:
                 p.copy_(full[offset : offset + p.numel()].view_as(p))

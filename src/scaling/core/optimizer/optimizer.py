@@ -28,7 +28,7 @@ import torch.distributed as dist
 from scaling.core.logging import get_logger
 from scaling.core.optimizer.clipping import clip_grads_, global_grad_norm
 from scaling.core.optimizer.config import OptimizerConfig
-from scaling.core.optimizer.flat_shard import FlatShard, shard_range
+from scaling.core.optimizer.flat_shard import FlatShard
 from scaling.core.optimizer.loss_scaler import DynamicLossScaler
 from scaling.core.optimizer.lr_schedule import learning_rate_at
 from scaling.core.optimizer.param_groups import ParamSlot, assign_groups, check_patterns, pattern_match_counts
@@ -166,6 +166,49 @@ class Optimizer:
             )
         return {"slots": slots, "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
+    def parameter_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Per parameter (by id): its fp32 master, exp_avg and exp_avg_sq, shaped like this rank's parameter
+        (all-gathered over data-parallel ranks when sharded; collective then). Layout-independent once the
+        caller gathers tensor-parallel slices, which is how checkpoints store optimizer state."""
+        states: dict[int, dict[str, torch.Tensor]] = {}
+        for shard in self.shards:
+            state = self.adam.state.get(shard.master, {})
+            vectors = {
+                "master": shard.master.detach(),
+                "exp_avg": state.get("exp_avg", torch.zeros_like(shard.master)),
+                "exp_avg_sq": state.get("exp_avg_sq", torch.zeros_like(shard.master)),
+            }
+            full = {key: shard.gather(vector) for key, vector in vectors.items()}
+            offset = 0
+            for p in shard.params:
+                states[id(p)] = {key: v[offset : offset + p.numel()].view_as(p).clone() for key, v in full.items()}
+                offset += p.numel()
+        return states
+
+    def steps_taken(self) -> dict[str, int]:
+        """Adam's step count per slot key (updates applied, skipped steps excluded)."""
+        return {
+            slot.key: int(self.adam.state[shard.master]["step"]) if shard.master in self.adam.state else 0
+            for slot, shard in zip(self.slots, self.shards, strict=True)
+        }
+
+    def load_parameter_states(self, states: dict[int, dict[str, torch.Tensor]], steps: dict[str, int]) -> None:
+        """Inverse of :meth:`parameter_states` (+ :meth:`steps_taken`): each rank keeps its share."""
+        for slot, shard in zip(self.slots, self.shards, strict=True):
+            flats = {
+                key: torch.cat([states[id(p)][key].reshape(-1).float().to(shard.master.device) for p in shard.params])
+                for key in ("master", "exp_avg", "exp_avg_sq")
+            }
+            mine = {key: shard.local_share(flat) for key, flat in flats.items()}
+            with torch.no_grad():
+                shard.master.copy_(mine["master"])
+            self.adam.state[shard.master] = {
+                "step": torch.tensor(float(steps.get(slot.key, 0))),
+                "exp_avg": mine["exp_avg"],
+                "exp_avg_sq": mine["exp_avg_sq"],
+            }
+            shard.write_back()
+
     def load_state_dict(self, shards: list[dict[str, Any]]) -> None:
         """Load from the state dicts of *all* data-parallel ranks of the saved run (any dp size, any ZeRO
         setting): each slot's full vectors are reassembled from the saved ranges and re-cut for this rank."""
@@ -186,14 +229,11 @@ class Optimizer:
                 )
             if [s["index"] for s in saved] != list(range(first["parts"])):
                 raise ValueError(f"optimizer state of {slot.key}: expected {first['parts']} shards, got {len(saved)}")
-            full = {k: torch.cat([s[k] for s in saved])[: shard.numel] for k in ("master", "exp_avg", "exp_avg_sq")}
-            start, end = shard_range(shard.numel, shard.parts, shard.index)
+            full = {
+                k: shard.local_share(torch.cat([s[k] for s in saved])[: shard.numel].to(shard.master.device))
+                for k in ("master", "exp_avg", "exp_avg_sq")
+            }
             with torch.no_grad():
-                for key in full:
-                    padded = torch.zeros(end - start, dtype=torch.float32, device=shard.master.device)
-                    piece = full[key][start:end]
-                    padded[: piece.numel()].copy_(piece)
-                    full[key] = padded
                 shard.master.copy_(full["master"])
             self.adam.state[shard.master] = {
                 "step": torch.tensor(float(first["step"])),
