@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 __all__ = [
     "ActivationHeader",
     "HeaderCache",
+    "decode_dtype",
     "gradient_leaves",
     "recv_activation",
     "recv_grads",
@@ -49,6 +50,10 @@ class ActivationHeader:
     def decode(data: torch.Tensor) -> ActivationHeader:
         raw = json.loads(bytes(data.tolist()).decode())
         return ActivationHeader(raw["spec"], raw["shapes"], raw["dtypes"], raw["grad"])
+
+
+def decode_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
 
 
 def _carries_grad(leaf: torch.Tensor) -> bool:

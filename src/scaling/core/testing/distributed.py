@@ -115,7 +115,7 @@ def run_distributed(
                 target=_worker,
                 args=(rank, world_size, store_path, backend, timeout_s, fn, args, results),
                 name=f"rank{rank}",
-                daemon=True,
+                daemon=False,  # ranks may start worker processes of their own (data loading)
             )
             for rank in range(world_size)
         ]
