@@ -1,0 +1,50 @@
+"""``TrainerConfig``: how long to train, when to evaluate and save, and what to resume from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from scaling.core.config import BaseConfig, InvalidCombination
+
+__all__ = ["TrainerConfig"]
+
+
+class TrainerConfig(BaseConfig):
+    """The training loop of a run."""
+
+    train_iterations: int = Field(100, ge=1, description="Optimizer steps to train for (in total, over resumptions).")
+    seed: int = Field(42, description="Seed of initialisation, data order and dropout.")
+    save_dir: Path | None = Field(None, description="Where checkpoints are written; no checkpoints when unset.")
+    save_interval: int | None = Field(
+        None, ge=1, description="Save every N steps (and at the end and on SIGTERM/SIGINT); only at those when unset."
+    )
+    keep_last_n_checkpoints: int | None = Field(
+        None, ge=1, description="Delete older checkpoints beyond the newest N; keep all when unset."
+    )
+    load_dir: Path | None = Field(
+        None,
+        description="Checkpoint to start from: a global_step directory, or a save directory whose 'latest' "
+        "file is followed. Commonly the same as save_dir, to resume.",
+    )
+    load: Literal["weights", "weights_and_optimizer", "everything"] = Field(
+        "everything",
+        description="What to restore: 'weights' (finetuning: step and data start at 0), 'weights_and_optimizer', "
+        "or 'everything' (also step, data position and RNG states: an exact resumption).",
+    )
+    assert_checkpoint_loaded: bool = Field(
+        False, description="Fail when load_dir holds no checkpoint instead of starting from scratch."
+    )
+    eval_interval: int | None = Field(None, ge=1, description="Evaluate every N steps; never when unset.")
+    eval_iterations: int = Field(1, ge=1, description="Global batches per evaluation.")
+    log_interval: int = Field(1, ge=1, description="Write metrics every N steps.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainerConfig:
+        if self.save_interval is not None and self.save_dir is None:
+            raise InvalidCombination("save_interval is set but save_dir is not", "save_dir")
+        if self.assert_checkpoint_loaded and self.load_dir is None:
+            raise InvalidCombination("assert_checkpoint_loaded needs load_dir", "load_dir")
+        return self

@@ -1,0 +1,195 @@
+"""The training loop: data -> train_step -> optimizer -> metrics, with evaluation, checkpoints and signals.
+
+Every step logs loss, learning rate per group, gradient norm (before and after clipping), loss scale,
+step time, samples/s and tokens/s on the rank that holds the loss (last pipeline stage, dp 0, tp 0),
+with a progress bar there when stderr is a terminal. On SIGTERM or SIGINT the loop finishes the current
+step, saves a checkpoint and returns; all ranks agree on stopping through one tiny all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from scaling.core.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from scaling.core.data.loader import DistributedDataLoader
+from scaling.core.logging import MetricsLogger, get_logger
+from scaling.core.optimizer.optimizer import Optimizer
+from scaling.core.pipeline.module import ParallelModule
+from scaling.core.topology.rng import RngTracker
+from scaling.core.trainer.config import TrainerConfig
+from scaling.core.trainer.context import TrainingContext
+
+__all__ = ["Trainer"]
+
+_logger = get_logger("scaling.trainer")
+
+
+def _tokens_in(batches: list[Any]) -> int:
+    """Input tokens in this rank's micro-batches (batches that are dicts with a "tokens" tensor)."""
+    return sum(int(b["tokens"].numel()) for b in batches if isinstance(b, Mapping) and "tokens" in b)
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        context: TrainingContext,
+        module: ParallelModule,
+        optimizer: Optimizer,
+        train_data: DistributedDataLoader,
+        eval_data: DistributedDataLoader | None = None,
+        metrics: MetricsLogger | None = None,
+        rng_tracker: RngTracker | None = None,
+    ) -> None:
+        self.config = config
+        self.context = context
+        self.module = module
+        self.optimizer = optimizer
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.rng_tracker = rng_tracker
+        topo = context.topology
+        self.is_logging_rank = topo.is_last_pipe_stage and topo.dp_rank == 0 and topo.tp_rank == 0
+        self.metrics = metrics
+        self._stop_requested = False
+        self.history: list[dict[str, float]] = []  # what was logged, for callers and tests
+
+    # Checkpoints -----------------------------------------------------------------------------------
+    def _rank_state(self) -> dict[str, torch.Tensor]:
+        state = {
+            "data_consumed": torch.tensor(self.train_data.state_dict()["consumed"]),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.rng_tracker is not None:
+            state.update({f"tracker_{k}": v for k, v in self.rng_tracker.state_dict().items()})
+        return state
+
+    def save(self) -> None:
+        if self.config.save_dir is None:
+            return
+        save_checkpoint(
+            self.config.save_dir,
+            self.context.step,
+            self.module,
+            self.optimizer,
+            config=self.context.config.to_dict(),
+            rank_state=self._rank_state(),
+            keep_last=self.config.keep_last_n_checkpoints,
+        )
+        _logger.info("saved checkpoint of step %d to %s", self.context.step, self.config.save_dir)
+
+    def load(self) -> bool:
+        """Restore from ``load_dir`` as configured; returns whether a checkpoint was loaded."""
+        if self.config.load_dir is None:
+            return False
+        try:
+            find_checkpoint(self.config.load_dir)
+        except CheckpointError:
+            if self.config.assert_checkpoint_loaded:
+                raise
+            _logger.info("no checkpoint in %s yet: starting from scratch", self.config.load_dir)
+            return False
+        mode = self.config.load
+        info = load_checkpoint(self.config.load_dir, self.module, self.optimizer, load_optimizer=mode != "weights")
+        if mode == "everything":
+            self.context.step = info.step
+            state = info.rank_state
+            if "data_consumed" in state:
+                self.train_data.load_state_dict({"consumed": int(state["data_consumed"]), "seed": self.train_data.seed})
+            if "torch_rng" in state:
+                torch.set_rng_state(state["torch_rng"])
+            if self.rng_tracker is not None and "tracker_default" in state:
+                self.rng_tracker.load_state_dict(
+                    {"default": state["tracker_default"], "tensor_parallel": state["tracker_tensor_parallel"]}
+                )
+            self.context.consumed_samples = self.train_data.consumed
+        _logger.info("loaded %s from %s (step %d)", mode, info.path, info.step)
+        return True
+
+    # Signals ---------------------------------------------------------------------------------------
+    def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        _logger.warning("received signal %d: saving a checkpoint after this step and stopping", signum)
+        self._stop_requested = True
+
+    def _all_agree_to_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.context.topology.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    # The loop --------------------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        assert self.eval_data is not None
+        losses = [self.module.eval_step(self.eval_data.next_batches(), step=self.context.step).loss]
+        for _ in range(self.config.eval_iterations - 1):
+            losses.append(self.module.eval_step(self.eval_data.next_batches(), step=self.context.step).loss)
+        return float(torch.stack(losses).mean())
+
+    def run(self) -> TrainingContext:
+        self.load()
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, self._request_stop)
+        topo = self.context.topology
+        progress = None
+        if self.is_logging_rank and sys.stderr.isatty():
+            progress = tqdm(total=self.config.train_iterations, initial=self.context.step, desc="training")
+        try:
+            while self.context.step < self.config.train_iterations:
+                step = self.context.step
+                start = time.perf_counter()
+                batches = self.train_data.next_batches()
+                result = self.module.train_step(batches, step=step, loss_scale=self.optimizer.loss_scale)
+                update = self.optimizer.step(step)
+                self.context.step += 1
+                self.context.consumed_samples = self.train_data.consumed
+                seconds = time.perf_counter() - start
+                if self.context.step % self.config.log_interval == 0 or self.context.step == 1:
+                    record = {
+                        "loss": float(result.loss),
+                        "grad_norm": float(update.grad_norm),
+                        "grad_norm_clipped": float(update.grad_norm_clipped),
+                        "loss_scale": update.loss_scale,
+                        "skipped": float(update.skipped),
+                        "step_time_s": seconds,
+                        "samples_per_s": topo.config.global_batch / seconds,
+                        "tokens_per_s": _tokens_in(batches) * topo.dp_size / seconds,
+                        **{f"lr/{name}": lr for name, lr in update.learning_rates.items()},
+                        **{k: float(v) for k, v in result.metrics.items()},
+                    }
+                    self._log(record)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{record['loss']:.4f}")
+                if progress is not None:
+                    progress.update(1)
+                interval = self.config.eval_interval
+                if self.eval_data is not None and interval is not None and self.context.step % interval == 0:
+                    self._log({"eval/loss": self.evaluate()})
+                stop = self._all_agree_to_stop()
+                at_interval = (
+                    self.config.save_interval is not None and self.context.step % self.config.save_interval == 0
+                )
+                if at_interval or stop or self.context.step == self.config.train_iterations:
+                    self.save()
+                if stop:
+                    break
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if progress is not None:
+                progress.close()
+        return self.context
+
+    def _log(self, record: dict[str, float]) -> None:
+        entry = {"step": float(self.context.step), **record}
+        self.history.append(entry)
+        if self.is_logging_rank and self.metrics is not None:
+            self.metrics.log(self.context.step, record)
