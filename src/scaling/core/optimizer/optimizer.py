@@ -169,7 +169,10 @@ class Optimizer:
     def parameter_states(self) -> dict[int, dict[str, torch.Tensor]]:
         """Per parameter (by id): its fp32 master, exp_avg and exp_avg_sq, shaped like this rank's parameter
         (all-gathered over data-parallel ranks when sharded; collective then). Layout-independent once the
-        caller gathers tensor-parallel slices, which is how checkpoints store optimizer state."""
+        caller gathers tensor-parallel slices, which is how checkpoints store optimizer state.
+
+        The tensors are views into the optimizer's own storage when unsharded: read them, do not keep them.
+        """
         states: dict[int, dict[str, torch.Tensor]] = {}
         for shard in self.shards:
             state = self.adam.state.get(shard.master, {})
@@ -181,7 +184,7 @@ class Optimizer:
             full = {key: shard.gather(vector) for key, vector in vectors.items()}
             offset = 0
             for p in shard.params:
-                states[id(p)] = {key: v[offset : offset + p.numel()].view_as(p).clone() for key, v in full.items()}
+                states[id(p)] = {key: v[offset : offset + p.numel()].view_as(p) for key, v in full.items()}
                 offset += p.numel()
         return states
 
@@ -193,21 +196,21 @@ class Optimizer:
         }
 
     def load_parameter_states(self, states: dict[int, dict[str, torch.Tensor]], steps: dict[str, int]) -> None:
-        """Inverse of :meth:`parameter_states` (+ :meth:`steps_taken`): each rank keeps its share."""
+        """Inverse of :meth:`parameter_states` (+ :meth:`steps_taken`): each rank copies in its share.
+
+        The model's own weights are not touched: they were saved from these masters and loaded already.
+        """
         for slot, shard in zip(self.slots, self.shards, strict=True):
-            flats = {
-                key: torch.cat([states[id(p)][key].reshape(-1).float().to(shard.master.device) for p in shard.params])
-                for key in ("master", "exp_avg", "exp_avg_sq")
-            }
-            mine = {key: shard.local_share(flat) for key, flat in flats.items()}
+            moments = {key: torch.zeros_like(shard.master) for key in ("exp_avg", "exp_avg_sq")}
             with torch.no_grad():
-                shard.master.copy_(mine["master"])
-            self.adam.state[shard.master] = {
-                "step": torch.tensor(float(steps.get(slot.key, 0))),
-                "exp_avg": mine["exp_avg"],
-                "exp_avg_sq": mine["exp_avg_sq"],
-            }
-            shard.write_back()
+                shard.master.zero_()
+                targets = {"master": shard.master, **moments}
+                for piece in shard.pieces:
+                    at = piece.flat_start + piece.lo - shard.start
+                    for key, target in targets.items():
+                        source = states[id(piece.param)][key].reshape(-1)[piece.lo : piece.hi]
+                        target[at : at + piece.hi - piece.lo].copy_(source)
+            self.adam.state[shard.master] = {"step": torch.tensor(float(steps.get(slot.key, 0))), **moments}
 
     def load_state_dict(self, shards: list[dict[str, Any]]) -> None:
         """Load from the state dicts of *all* data-parallel ranks of the saved run (any dp size, any ZeRO

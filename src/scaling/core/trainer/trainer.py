@@ -1,8 +1,8 @@
 """The training loop: data -> train_step -> optimizer -> metrics, with evaluation, checkpoints and signals.
 
 Every step logs loss, learning rate per group, gradient norm (before and after clipping), loss scale,
-step time, samples/s and tokens/s on the rank that holds the loss (last pipeline stage, dp 0, tp 0),
-with a progress bar there when stderr is a terminal. On SIGTERM or SIGINT the loop finishes the current
+step time, samples/s and tokens/s from the rank that holds the metrics (last pipeline stage, dp 0,
+tp 0), and shows a progress bar on rank 0 when stderr is a terminal. On SIGTERM or SIGINT the loop finishes the current
 step, saves a checkpoint and returns; all ranks agree on stopping through one tiny all-reduce per step.
 """
 
@@ -140,7 +140,7 @@ class Trainer:
             signal.signal(s, self._request_stop)
         topo = self.context.topology
         progress = None
-        if self.is_logging_rank and sys.stderr.isatty():
+        if topo.global_rank == 0 and sys.stderr.isatty():  # the loss is known on every rank
             progress = tqdm(total=self.config.train_iterations, initial=self.context.step, desc="training")
         try:
             while self.context.step < self.config.train_iterations:
