@@ -24,7 +24,7 @@ $(STAMP): | $(PY)
 install: $(STAMP)
 
 example: $(STAMP)
-	$(PY) -m scaling.core.runner examples/world_check/config.yml
+	$(PY) -m examples.mlp_example.run examples/mlp_example/config.yml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
