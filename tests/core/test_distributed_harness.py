@@ -74,5 +74,5 @@ def _rank_one_dies() -> int:
 def test_rank_that_dies_without_reporting_is_a_failure() -> None:
     with pytest.raises(DistributedTestFailure) as info:
         run_distributed(_rank_one_dies, 2, timeout_s=30)
-    assert 1 in info.value.failed_ranks
+    assert info.value.failed_ranks.count(1) == 1  # the rank that died is reported, once
     assert "exited with code 7" in str(info.value)
