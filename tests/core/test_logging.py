@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
+from scaling.core.config import ConfigError
 from scaling.core.logging import LoggerConfig, MetricsLogger, MissingExtraError, configure_logging, get_logger
 
 
@@ -28,10 +31,21 @@ def test_every_line_names_rank_and_coordinates(capsys: pytest.CaptureFixture[str
     logging.getLogger("scaling").handlers.clear()
 
 
+def test_rank_defaults_to_the_launcher_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "5")
+    configure_logging(LoggerConfig())
+    get_logger("optimizer").warning("careful")  # short names land under 'scaling.'
+    line = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING \[rank 5\] careful", line), line
+    logging.getLogger("scaling").handlers.clear()
+
+
 def test_metrics_jsonl_one_line_per_step_appended_across_runs(tmp_path: Path) -> None:
     config = LoggerConfig(log_dir=tmp_path)
     with MetricsLogger(config) as metrics:
-        metrics.log(1, {"loss": torch.tensor(2.5), "lr": 1e-3, "tokens": 4096})
+        metrics.log(1, {"loss": torch.tensor(2.5), "lr": np.float32(0.5), "tokens": np.int64(4096)})
         metrics.log(2, {"loss": float("nan"), "lr": 1e-3})
     with MetricsLogger(config) as metrics:  # a resumed run continues the file
         metrics.log(3, {"loss": 2.0})
@@ -39,10 +53,24 @@ def test_metrics_jsonl_one_line_per_step_appended_across_runs(tmp_path: Path) ->
         metrics.log(4, {"loss": 1.0})
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == [
-        {"step": 1, "loss": 2.5, "lr": 1e-3, "tokens": 4096},
+        {"step": 1, "loss": 2.5, "lr": 0.5, "tokens": 4096},
         {"step": 2, "loss": None, "lr": 1e-3, "non_finite": {"loss": "nan"}},
         {"step": 3, "loss": 2.0},
     ]
+
+
+def test_bad_metrics_are_refused(tmp_path: Path) -> None:
+    with MetricsLogger(LoggerConfig(log_dir=tmp_path)) as metrics:
+        with pytest.raises(ValueError, match="reserved"):
+            metrics.log(1, {"step": 1.0})
+        with pytest.raises(ValueError, match="metric 'loss' is not a single number"):
+            metrics.log(1, {"loss": torch.ones(2)})
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_tensorboard_needs_a_log_dir() -> None:
+    with pytest.raises(ConfigError, match="tensorboard: tensorboard needs log_dir"):
+        LoggerConfig.from_dict({"tensorboard": True})
 
 
 def test_tensorboard_writes_event_files(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 
 from scaling.core.config import ConfigError
 from scaling.core.runner import RunnerConfig, launch, parse_hostfile, plan_launch, read_hostfile
+from scaling.core.runner.command_line import load_launch_configs
 from scaling.core.runner.command_line import main as runner_main
 from scaling.core.runner.hostfile import Host
 
@@ -23,6 +25,7 @@ worker-1   slots=4   # trailing comment
 
 def test_hostfile_parsing() -> None:
     assert parse_hostfile(HOSTFILE) == [Host("worker-0", 4), Host("worker-1", 4)]
+    assert parse_hostfile(HOSTFILE) == [("worker-0", 4), ("worker-1", 4)]  # plain (host, slots) tuples
     assert parse_hostfile("a\nb slots=2\n") == [Host("a", None), Host("b", 2)]
 
 
@@ -33,6 +36,7 @@ def test_hostfile_parsing() -> None:
         ("worker-0\nworker-0 slots=2\n", "hosts:2: host 'worker-0' is already listed on line 1"),
         ("worker-0 slots=0\n", "hosts:1: host 'worker-0' has slots=0"),
         ("# nothing\n\n", "no hosts listed"),
+        ("worker[0-3] slots=4\n", "hosts:1: expected 'HOST' or 'HOST slots=N'"),  # pdsh would start 4 nodes
     ],
 )
 def test_bad_hostfiles_name_file_and_line(tmp_path: Path, text: str, fragment: str) -> None:
@@ -101,7 +105,8 @@ def test_slurm_script_for_two_nodes(tmp_path: Path) -> None:
         },
     )
     plan = plan_launch(config, 8, python="python", cwd="/work/run", env=ENV)
-    assert plan.argv == ["sbatch", str(tmp_path / "logs" / "llm.sbatch")]
+    logs = tmp_path / "logs"
+    assert plan.argv == ["sbatch", str(logs / "llm.sbatch")]
     script = plan.sbatch_script
     assert script is not None
     for line in [
@@ -123,8 +128,22 @@ def test_slurm_script_for_two_nodes(tmp_path: Path) -> None:
     inner = shlex.split(srun)[-1]  # single-quoted: every node expands $SLURM_NODEID itself
     assert inner == (
         "python -m torch.distributed.run --nnodes=$SLURM_NNODES --node-rank=$SLURM_NODEID --nproc-per-node=4 "
-        "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --max-restarts=0 train.py cfg.yml"
+        "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID --max-restarts=0 "
+        f"--log-dir={logs} --tee=3 train.py cfg.yml"
     )
+    assert script.startswith("#!/bin/bash\n")
+
+
+def test_slurm_without_hosts_takes_nodes_from_gpus_per_node() -> None:
+    config = RunnerConfig.from_dict(
+        {"runner_type": "slurm", "master_addr": "head", "env_forward": ["NCCL_DEBUG"], "slurm": {"gpus_per_node": 4}}
+    )
+    plan = plan_launch(config, 16, python="python", cwd="/work/run", env=ENV)
+    assert plan.argv == ["sbatch", "scaling.sbatch"]
+    lines = (plan.sbatch_script or "").splitlines()
+    assert "#SBATCH --nodes=4" in lines and not any("--nodelist" in line for line in lines)
+    assert "export MASTER_ADDR=head" in lines and "export NCCL_DEBUG=INFO" in lines
+    assert "--nproc-per-node=4" in lines[-1]
 
 
 def test_local_command() -> None:
@@ -134,7 +153,14 @@ def test_local_command() -> None:
         "--max-restarts=0", "-m", "pkg.train", "a.yml",
     ]  # fmt: skip
     fixed = plan_launch(RunnerConfig(master_port=7000, max_restarts=2), 2, python="py", cwd="/x", env={})
-    assert "--master-port=7000" in fixed.argv and "--max-restarts=2" in fixed.argv
+    assert fixed.argv[3:9] == [
+        "--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1", "--master-port=7000", "--max-restarts=2",
+        "-m",
+    ]  # fmt: skip
+    logged = plan_launch(
+        RunnerConfig(module=False, script="t.py", log_dir=Path("logs")), 1, python="py", cwd="/", env={}
+    )
+    assert logged.argv[5:] == ["--standalone", "--max-restarts=0", "--log-dir=logs", "--tee=3", "t.py"]
 
 
 @pytest.mark.parametrize(
@@ -150,6 +176,7 @@ def test_local_command() -> None:
         ),
         ({"runner_type": "slurm"}, 8, "slurm needs nproc_per_node"),
         ({"nproc_per_node": 3}, 4, "1 node(s) x 3 processes"),
+        ({"runner_type": "slurm", "nproc_per_node": 3}, 8, "3 processes per node do not divide"),
     ],
 )
 def test_impossible_launches_are_explained(config: dict[str, object], world: int, fragment: str) -> None:
@@ -186,6 +213,9 @@ def test_dry_run_prints_the_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
         ({"runner": {"hosts": ["a"], "hostsfile": "h"}}, "runner.hostsfile: give hosts or hostsfile, not both"),
         ({"runner": {"runner_type": "pdsh_docker", "hosts": ["a"]}}, "runner.docker.image: runner_type 'pdsh_docker'"),
         ({"runner": {"docker": {"mounts": ["data"]}}}, "runner.docker.mounts: mount 'data' must be"),
+        ({"runner": {"hosts": ["a,b"]}}, "runner.hosts: host 'a,b' must be a single host name"),
+        ({"runner": {"env_forward": ["A;rm"]}}, "runner.env_forward: 'A;rm' is not an environment variable name"),
+        ({"runner": []}, "runner: expected a mapping, got list"),
         ({"topology": {"world_size": 3, "model_parallel_size": 2}}, "topology.world_size: world_size (3)"),
     ],
 )
@@ -197,6 +227,54 @@ def test_bad_launch_config_names_the_field(
     err = capsys.readouterr().err
     assert str(path) in err
     assert fragment in err
+
+
+def test_override_errors_name_the_field(tmp_path: Path) -> None:
+    path = _write_config(tmp_path, {"runner": {}})
+    with pytest.raises(ConfigError) as caught:
+        load_launch_configs(path, ["runner.max_restarts=-1"])
+    assert caught.value.problems == ["runner.max_restarts: Input should be greater than or equal to 0 (got -1)"]
+
+
+def _fake_tool(bin_dir: Path, name: str) -> Path:
+    """An executable ``name`` on PATH that records its arguments, one per line, next to itself."""
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / name
+    tool.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{bin_dir}/{name}.args"\n')
+    tool.chmod(0o755)
+    return bin_dir / f"{name}.args"
+
+
+def test_slurm_launch_writes_the_script_and_submits_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorded = _fake_tool(tmp_path / "bin", "sbatch")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    config = RunnerConfig(runner_type="slurm", nproc_per_node=2, log_dir=tmp_path / "logs")
+    for _ in range(2):  # a resubmission replaces the script (sbatch has copied the old one)
+        assert launch(config, 4) == 0
+    script = tmp_path / "logs" / "scaling.sbatch"
+    assert recorded.read_text().splitlines() == [str(script)]
+    assert "#SBATCH --nodes=2" in script.read_text().splitlines()
+
+
+def test_pdsh_launch_runs_pdsh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorded = _fake_tool(tmp_path / "bin", "pdsh")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert launch(RunnerConfig(runner_type="pdsh", hosts=["n0", "n1"], workdir="/w"), 2) == 0
+    args = recorded.read_text().splitlines()
+    assert args[:7] == ["-S", "-R", "ssh", "-f", "1024", "-w", "n0,n1"]
+    assert args[7].startswith("cd /w && ") and "--node-rank=%n" in args[7]
+
+
+def test_missing_tool_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(
+        ConfigError, match=re.escape("runner.runner_type: 'pdsh' needs the 'pdsh' command, which is not on PATH")
+    ):
+        launch(RunnerConfig(runner_type="pdsh", hosts=["n0"]), 1)
+    config = RunnerConfig(runner_type="slurm", nproc_per_node=1, log_dir=tmp_path / "logs")
+    with pytest.raises(ConfigError, match="'sbatch' command"):
+        launch(config, 1)
+    assert not (tmp_path / "logs").exists()  # nothing written before the check
 
 
 ALL_REDUCE_SCRIPT = """
@@ -215,7 +293,7 @@ sys.exit(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
 """
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 def test_real_local_launch_all_reduces(tmp_path: Path) -> None:
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE_SCRIPT)
@@ -223,8 +301,15 @@ def test_real_local_launch_all_reduces(tmp_path: Path) -> None:
     assert launch(config, world_size=2) == 0
     assert (tmp_path / "rank0.txt").read_text() == "3.0 2 0"
     assert (tmp_path / "rank1.txt").read_text() == "3.0 2 1"
+    # torchrun's per-rank logs: <log_dir>/<run id>/attempt_0/<local rank>/{stdout,stderr}.log
+    assert len(list((tmp_path / "logs").glob("*/attempt_0/*/stderr.log"))) == 2
 
-    failing = RunnerConfig(script=str(script), module=False, script_args=[str(tmp_path), "3"])
+
+@pytest.mark.timeout(120)
+def test_failing_local_launch_returns_non_zero(tmp_path: Path) -> None:
+    script = tmp_path / "all_reduce.py"
+    script.write_text(ALL_REDUCE_SCRIPT)
+    failing = RunnerConfig(script=str(script), module=False, script_args=[str(tmp_path), "1"])
     assert launch(failing, world_size=2) != 0
 
 

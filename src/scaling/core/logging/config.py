@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from scaling.core.config import BaseConfig
+from scaling.core.config import BaseConfig, InvalidCombination
 
 __all__ = ["LoggerConfig"]
 
@@ -17,7 +17,9 @@ class LoggerConfig(BaseConfig):
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Level of the text log.")
     log_dir: Path | None = Field(
-        None, description="Directory for metrics.jsonl and TensorBoard files; none are written when unset."
+        None,
+        description="Directory for metrics.jsonl (and TensorBoard event files under tensorboard/, W&B's files "
+        "under wandb/); no files are written when unset.",
     )
     tensorboard: bool = Field(False, description="Also write metrics as TensorBoard scalars (needs 'tensorboard').")
     wandb: bool = Field(False, description="Also send metrics to Weights & Biases (needs 'wandb').")
@@ -27,3 +29,10 @@ class LoggerConfig(BaseConfig):
     wandb_mode: Literal["online", "offline", "disabled"] = Field(
         "online", description="'offline' stores runs locally for a later 'wandb sync'."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> LoggerConfig:
+        # Found at load time, not when the first rank starts writing after minutes of setup.
+        if self.tensorboard and self.log_dir is None:
+            raise InvalidCombination("tensorboard needs log_dir to write its event files into", "tensorboard")
+        return self

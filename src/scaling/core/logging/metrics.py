@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, TextIO
+from typing import Any, SupportsFloat, TextIO
 
 from scaling.core.logging.config import LoggerConfig
 
@@ -34,9 +34,17 @@ def _require(module: str, option: str) -> ModuleType:
         ) from None
 
 
-def _number(value: Any) -> float | int:
-    if hasattr(value, "item"):  # 0-d torch tensors, numpy scalars
-        value = value.item()
+_RESERVED = ("step", "non_finite")  # keys of the JSONL record itself
+
+
+def _number(name: str, value: SupportsFloat) -> float | int:
+    """A plain Python number; integers stay integers (token counts read better as 4096 than 4096.0)."""
+    item = getattr(value, "item", None)  # 0-d torch tensors, numpy scalars: .item() keeps int vs float
+    if item is not None:
+        try:
+            value = item()
+        except (RuntimeError, ValueError):  # more than one element
+            raise ValueError(f"metric {name!r} is not a single number: {value!r}") from None
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
@@ -45,23 +53,37 @@ def _number(value: Any) -> float | int:
 
 
 class MetricsLogger:
-    """Writes one record per step. Only ranks constructed with ``enabled=True`` write anything."""
+    """Writes one record per step to every configured sink.
 
-    def __init__(self, config: LoggerConfig, *, enabled: bool = True, run_config: Mapping[str, Any] | None = None):
+    Only ranks constructed with ``enabled=True`` write anything; which rank that is (usually the last
+    pipeline stage's first data- and tensor-parallel rank, where the loss is) is the caller's decision.
+    ``run_config`` (a JSON-safe dict, e.g. ``config.to_dict()``) is stored with the W&B run.
+    """
+
+    def __init__(
+        self, config: LoggerConfig, *, enabled: bool = True, run_config: Mapping[str, object] | None = None
+    ) -> None:
         self.config = config
         self.enabled = enabled
         self._file: TextIO | None = None
-        self._tensorboard: Any = None
-        self._wandb: Any = None
+        self._tensorboard: Any = None  # SummaryWriter; the optional package has no types we can rely on
+        self._wandb: Any = None  # the wandb module
         if not enabled:
             return
+        try:
+            self._open(run_config or {})
+        except BaseException:
+            self.close()  # do not leak the file or a half-open sink
+            raise
+
+    def _open(self, run_config: Mapping[str, object]) -> None:
+        config = self.config
         if config.log_dir is not None:
             log_dir = Path(config.log_dir)
             log_dir.mkdir(parents=True, exist_ok=True)
             self._file = (log_dir / "metrics.jsonl").open("a", encoding="utf-8", buffering=1)
         if config.tensorboard:
-            if config.log_dir is None:
-                raise ValueError("logger.tensorboard needs logger.log_dir to write event files into")
+            assert config.log_dir is not None  # LoggerConfig checks this
             _require("tensorboard", "logger.tensorboard")
             writer_module = _require("torch.utils.tensorboard", "logger.tensorboard")
             self._tensorboard = writer_module.SummaryWriter(log_dir=str(Path(config.log_dir) / "tensorboard"))
@@ -73,13 +95,17 @@ class MetricsLogger:
                 name=config.wandb_run_name,
                 mode=config.wandb_mode,
                 dir=str(config.log_dir) if config.log_dir is not None else None,
-                config=dict(run_config or {}),
+                config=dict(run_config),
             )
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def log(self, step: int, metrics: Mapping[str, SupportsFloat]) -> None:
+        """Record ``metrics`` (floats, ints, 0-d tensors, numpy scalars) for optimizer step ``step``."""
         if not self.enabled:
             return
-        values = {name: _number(value) for name, value in metrics.items()}
+        clash = [name for name in _RESERVED if name in metrics]
+        if clash:
+            raise ValueError(f"metric names {clash} are reserved for the record itself")
+        values = {name: _number(name, value) for name, value in metrics.items()}
         if self._file is not None:
             record: dict[str, Any] = {"step": step}
             non_finite = [n for n, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
@@ -94,6 +120,7 @@ class MetricsLogger:
             self._wandb.log(values, step=step)
 
     def close(self) -> None:
+        """Flush and close every sink; safe to call more than once."""
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -10,19 +10,26 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from scaling.core.config import ConfigError, apply_overrides
+from scaling.core.config import BaseConfig, ConfigError, apply_overrides
 from scaling.core.runner.config import RunnerConfig
 from scaling.core.runner.launch import launch
 from scaling.core.topology.config import TopologyConfig
 
 __all__ = ["load_launch_configs", "main"]
 
+ConfigT = TypeVar("ConfigT", bound=BaseConfig)
+
 
 def load_launch_configs(path: Path, overrides: Sequence[str] = ()) -> tuple[RunnerConfig, TopologyConfig]:
+    """The ``runner`` and ``topology`` sections of the file at ``path``, after the dotted ``overrides``.
+
+    Overrides apply to the whole document, so ``-o runner.master_port=6000`` and ``-o topology.world_size=8``
+    both work; errors name the field from the top of the file (``runner.master_port``).
+    """
     try:
         document: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -37,17 +44,26 @@ def load_launch_configs(path: Path, overrides: Sequence[str] = ()) -> tuple[Runn
     return runner, topology
 
 
-def _section(cls: type[Any], document: dict[str, Any], name: str, path: Path) -> Any:
-    data = document.get(name) or {}
+def _section(cls: type[ConfigT], document: dict[str, Any], name: str, path: Path) -> ConfigT:
+    data = document.get(name)
+    if data is None:
+        data = {}  # a missing (or empty) section means all defaults
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config in {path}:\n  {name}: expected a mapping, got {type(data).__name__}")
     try:
         return cls.from_dict(data, source=str(path))
     except ConfigError as exc:
         # Name fields from the top of the file: 'runner.master_port', not 'master_port'.
         message = str(exc).replace("\n  ", f"\n  {name}.")
-        raise ConfigError(message, source=str(path), problems=exc.problems) from None
+        problems = [f"{name}.{problem}" for problem in exc.problems]
+        raise ConfigError(message, source=str(path), problems=problems) from None
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m scaling.core.runner") -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), load the config and launch; returns the exit code.
+
+    A bad config or override prints one message naming the field to stderr and returns 2.
+    """
     parser = argparse.ArgumentParser(prog=prog, description="Start the processes of a run's topology.")
     parser.add_argument("config", type=Path, help="YAML config with 'runner' and 'topology' sections.")
     parser.add_argument(

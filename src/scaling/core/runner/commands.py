@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scaling.core.config import ConfigError
-from scaling.core.runner.config import RunnerConfig, RunnerType
+from scaling.core.runner.config import DEFAULT_MASTER_PORT, RunnerConfig, RunnerType
 from scaling.core.runner.hostfile import Host, read_hostfile
 
 __all__ = ["LaunchPlan", "NodeCommand", "plan_launch"]
@@ -28,6 +28,8 @@ __all__ = ["LaunchPlan", "NodeCommand", "plan_launch"]
 
 @dataclass(frozen=True)
 class NodeCommand:
+    """What one node runs, with its node rank filled in: the command as the remote shell receives it."""
+
     host: str
     node_rank: int
     command: str  # the shell command that runs on the host
@@ -35,6 +37,8 @@ class NodeCommand:
 
 @dataclass(frozen=True)
 class LaunchPlan:
+    """Everything a launch runs, as data: printed by a dry run, executed by ``launch``, compared by tests."""
+
     argv: list[str]  # what runs on this machine: torchrun, pdsh or sbatch
     nodes: list[NodeCommand] = field(default_factory=list)  # per node, fully expanded (pdsh runners)
     sbatch_script: str | None = None  # the job script (slurm); argv submits it
@@ -69,7 +73,10 @@ def _nproc_per_node(config: RunnerConfig, hosts: list[Host], n_nodes: int, world
     elif world_size % n_nodes == 0:
         nproc = world_size // n_nodes
     else:
-        raise ConfigError(f"runner: world size {world_size} does not divide over {n_nodes} nodes")
+        raise ConfigError(
+            f"runner.nproc_per_node: world size {world_size} does not divide over {n_nodes} nodes; "
+            "set nproc_per_node or change the number of hosts"
+        )
     if nproc * n_nodes != world_size:
         raise ConfigError(
             f"runner.nproc_per_node: {n_nodes} node(s) x {nproc} processes = {nproc * n_nodes}, "
@@ -82,11 +89,22 @@ def _script(config: RunnerConfig) -> list[str]:
     return (["-m"] if config.module else []) + [config.script, *config.script_args]
 
 
+def _common_flags(config: RunnerConfig) -> list[str]:
+    """Launcher flags every runner passes: restarts, and per-rank log files (also teed to the console)."""
+    flags = [f"--max-restarts={config.max_restarts}"]
+    if config.log_dir is not None:
+        flags += [f"--log-dir={config.log_dir}", "--tee=3"]  # 3: stdout and stderr of every local rank
+    return flags
+
+
 def _torchrun(python: str, launcher_args: list[str], config: RunnerConfig) -> str:
-    """The launcher command on one node. ``launcher_args`` are flags whose values need no quoting (numbers,
-    host names) or must stay unquoted (pdsh's %n, Slurm's $SLURM_NODEID, expanded on the node itself)."""
-    head = [shlex.quote(python), "-m", "torch.distributed.run", *launcher_args, f"--max-restarts={config.max_restarts}"]
-    return " ".join(head) + " " + shlex.join(_script(config))
+    """The launcher command on one node, as shell text.
+
+    ``launcher_args`` are flags whose values need no quoting (numbers, host names) or must stay unquoted
+    (pdsh's %n, Slurm's $SLURM_NODEID, expanded on the node itself); everything else is quoted.
+    """
+    head = [shlex.quote(python), "-m", "torch.distributed.run", *launcher_args]
+    return " ".join(head + [shlex.quote(flag) for flag in _common_flags(config)]) + " " + shlex.join(_script(config))
 
 
 def _exports(config: RunnerConfig, env: Mapping[str, str]) -> list[str]:
@@ -100,15 +118,12 @@ def plan_launch(config: RunnerConfig, world_size: int, *, python: str, cwd: str,
     """The commands that start ``world_size`` processes as ``config`` says."""
     if config.runner_type == RunnerType.LOCAL:
         nproc = _nproc_per_node(config, [], 1, world_size)
-        if "master_port" in config.model_fields_set or config.master_addr is not None:
-            rendezvous = [f"--master-addr={config.master_addr or '127.0.0.1'}", f"--master-port={config.master_port}"]
+        if config.master_port == DEFAULT_MASTER_PORT and config.master_addr is None:
+            rendezvous = ["--standalone"]  # the launcher picks a free port: no clash with another local run
         else:
-            rendezvous = ["--standalone"]  # the launcher picks a free port itself
-        argv = [python, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}", *rendezvous,
-                f"--max-restarts={config.max_restarts}"]  # fmt: skip
-        if config.log_dir is not None:
-            argv.append(f"--log-dir={config.log_dir}")
-        return LaunchPlan(argv=argv + _script(config))
+            rendezvous = [f"--master-addr={config.master_addr or '127.0.0.1'}", f"--master-port={config.master_port}"]
+        argv = [python, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}", *rendezvous]
+        return LaunchPlan(argv=argv + _common_flags(config) + _script(config))
 
     hosts = _hosts(config)
     workdir = config.workdir or cwd
@@ -153,16 +168,19 @@ def _plan_slurm(
     config: RunnerConfig, hosts: list[Host], world_size: int, workdir: str, exports: list[str]
 ) -> LaunchPlan:
     slurm = config.slurm
-    nproc_hint = config.nproc_per_node or slurm.gpus_per_node
     if hosts:
         n_nodes = len(hosts)
-    elif nproc_hint:
+        nproc = _nproc_per_node(config, hosts, n_nodes, world_size)
+    else:  # Slurm picks the nodes: their number follows from the processes each one runs
+        nproc_hint = config.nproc_per_node or slurm.gpus_per_node
+        if not nproc_hint:
+            raise ConfigError("runner.nproc_per_node: slurm needs nproc_per_node, slurm.gpus_per_node or hosts")
         if world_size % nproc_hint:
-            raise ConfigError(f"runner.nproc_per_node: {nproc_hint} does not divide topology.world_size {world_size}")
-        n_nodes = world_size // nproc_hint
-    else:
-        raise ConfigError("runner.nproc_per_node: slurm needs nproc_per_node, slurm.gpus_per_node or hosts")
-    nproc = _nproc_per_node(config.model_copy(update={"nproc_per_node": nproc_hint}), hosts, n_nodes, world_size)
+            raise ConfigError(
+                f"runner.nproc_per_node: {nproc_hint} processes per node do not divide topology.world_size "
+                f"({world_size})"
+            )
+        n_nodes, nproc = world_size // nproc_hint, nproc_hint
     header = ["#!/bin/bash", f"#SBATCH --job-name={slurm.job_name}", f"#SBATCH --nodes={n_nodes}",
               "#SBATCH --ntasks-per-node=1", f"#SBATCH --output={slurm.output}"]  # fmt: skip
     optional = {"--partition": slurm.partition, "--account": slurm.account, "--time": slurm.time,
@@ -174,13 +192,17 @@ def _plan_slurm(
     launcher = _torchrun(
         config.python,
         ["--nnodes=$SLURM_NNODES", "--node-rank=$SLURM_NODEID", f"--nproc-per-node={nproc}",
-         "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"],
+         "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$SLURM_JOB_ID"],
         config,
     )  # fmt: skip
+    if config.master_addr is not None:
+        master = f"export MASTER_ADDR={shlex.quote(config.master_addr)}"
+    else:  # the first node of the allocation, known only once the job runs
+        master = 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
     body = [
         "set -euo pipefail",
         f"cd {shlex.quote(workdir)}",
-        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        master,
         f"export MASTER_PORT={config.master_port}",
         *exports,
         # Single quotes: each srun task expands $SLURM_NODEID itself, on its own node.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 
@@ -9,10 +10,15 @@ from pydantic import Field, field_validator, model_validator
 
 from scaling.core.config import BaseConfig, InvalidCombination
 
-__all__ = ["DockerConfig", "RunnerConfig", "RunnerType", "SlurmConfig"]
+__all__ = ["DEFAULT_MASTER_PORT", "DockerConfig", "RunnerConfig", "RunnerType", "SlurmConfig"]
+
+DEFAULT_MASTER_PORT = 29500  # torch.distributed's customary port
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class RunnerType(str, Enum):
+    """How the per-node launchers (``torch.distributed.run``) get started."""
+
     LOCAL = "local"  # all processes on this machine, started by torch.distributed.run
     PDSH = "pdsh"  # one torch.distributed.run per host, started over ssh by pdsh
     PDSH_DOCKER = "pdsh_docker"  # the same, inside a docker container on each host
@@ -66,7 +72,13 @@ class RunnerConfig(BaseConfig):
     master_addr: str | None = Field(
         None, description="Address of the rendezvous host; default the first host, or 127.0.0.1 when local."
     )
-    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on master_addr.")
+    master_port: int = Field(
+        DEFAULT_MASTER_PORT,
+        ge=1,
+        le=65535,
+        description="Rendezvous port on master_addr. A local run that leaves it at 29500 (and sets no master_addr) "
+        "lets the launcher pick a free port instead, so several local runs can share the machine.",
+    )
     nproc_per_node: int | None = Field(
         None, ge=1, description="Processes per node; default the hostfile slots, or world size / number of nodes."
     )
@@ -75,17 +87,43 @@ class RunnerConfig(BaseConfig):
         description="Python script path, or a module name when module is true. The default checks that every "
         "process group of the topology communicates.",
     )
-    module: bool = Field(True, description="Run the script as 'python -m SCRIPT'.")
+    module: bool = Field(
+        True, description="true: script is a module, run as 'python -m SCRIPT'; false: script is a file path."
+    )
     script_args: list[str] = Field(default_factory=list, description="Arguments passed to the script.")
     max_restarts: int = Field(0, ge=0, description="Restarts of the whole local world after a failure (torchrun).")
-    log_dir: Path | None = Field(None, description="Directory for per-rank launcher logs and the sbatch script.")
+    log_dir: Path | None = Field(
+        None,
+        description="Directory for per-rank logs (torchrun --log-dir, output also kept on the console) and, for "
+        "slurm, the sbatch script; relative paths are relative to workdir on remote nodes.",
+    )
     env_forward: list[str] = Field(
-        default_factory=list, description="Environment variables copied to the remote processes (pdsh, docker)."
+        default_factory=list,
+        description="Names of environment variables whose values here are passed on to the remote processes "
+        "(pdsh, pdsh_docker, slurm).",
     )
     python: str = Field("python", description="Python interpreter on remote nodes.")
     workdir: str | None = Field(None, description="Working directory on remote nodes; default this directory.")
     docker: DockerConfig = Field(default_factory=DockerConfig, description="Container settings for pdsh_docker.")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Job settings for slurm.")
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_are_plain_names(cls, hosts: list[str] | None) -> list[str] | None:
+        # pdsh reads ',' as a separator and '[0-3]' as a range: either would start other nodes than listed here.
+        for host in hosts or []:
+            if not host or any(c.isspace() or c in ",[]" for c in host):
+                raise ValueError(f"host {host!r} must be a single host name (no spaces, commas or [ranges])")
+        return hosts
+
+    @field_validator("env_forward")
+    @classmethod
+    def _env_names_are_identifiers(cls, names: list[str]) -> list[str]:
+        # The names end up unquoted in 'export NAME=...' on the remote shell.
+        for name in names:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name (letters, digits, '_')")
+        return names
 
     @model_validator(mode="after")
     def _check(self) -> RunnerConfig:
