@@ -134,7 +134,7 @@ def _check_mlp_block(topo: Topology) -> None:
     torch.testing.assert_close(down.weight.grad, shard(w2.grad, 1, rank, tp), **TOL)
     bias_grad = down.bias.grad.clone()
     if sp:  # partial over this rank's tokens: the engine sums it over tp ranks
-        assert get_param_meta(down.bias).sequence_parallel_grad
+        assert get_param_meta(down.bias).partial_grad_over_tp
         dist.all_reduce(bias_grad, group=topo.tp_group)
     torch.testing.assert_close(bias_grad, b2.grad, **TOL)
 

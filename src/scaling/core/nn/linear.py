@@ -139,7 +139,7 @@ class RowParallelLinear(nn.Module):
             b = local_slice_of_init((out_features,), init_zeros, seed + 1, None, rank, tp, dtype, topology.device)
             self.bias = nn.Parameter(b)
             # Under sequence parallelism the bias only sees this rank's tokens: its gradient is partial.
-            set_param_meta(self.bias, ParamMeta(sequence_parallel_grad=self.sequence_parallel))
+            set_param_meta(self.bias, ParamMeta(partial_grad_over_tp=self.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.topology.tp_group

@@ -1,7 +1,7 @@
 """Norms whose weights are replicated over tp ranks and marked for sequence parallelism.
 
 Under sequence parallelism each tp rank normalises only its ``seq / tp`` tokens, so the weight gradients
-are partial sums; the engine adds them over tp ranks (``ParamMeta.sequence_parallel_grad``).
+are partial sums; the engine adds them over tp ranks (``ParamMeta.partial_grad_over_tp``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ __all__ = ["LayerNorm", "RMSNorm"]
 
 
 def _mark(param: torch.Tensor, topology: Topology) -> None:
-    set_param_meta(param, ParamMeta(sequence_parallel_grad=topology.config.sequence_parallel and topology.tp_size > 1))
+    set_param_meta(param, ParamMeta(partial_grad_over_tp=topology.config.sequence_parallel and topology.tp_size > 1))
 
 
 class RMSNorm(nn.Module):

@@ -7,8 +7,9 @@ ZeRO sharding, gradient clipping and checkpointing read it, so they never guess 
   once;
 * ``tied_key``: parameters with the same key are copies of one weight on several pipeline stages
   (embedding and LM head), counted once;
-* ``sequence_parallel_grad``: replicated parameters that see only this rank's sequence shard under
-  sequence parallelism (norm weights), whose gradients must be summed over tp ranks.
+* ``partial_grad_over_tp``: replicated parameters whose gradient on each tp rank is only a part of the
+  whole (norm weights that see one sequence shard under sequence parallelism; a kv projection replicated
+  because there are fewer kv heads than tp ranks); the engine sums them over tp ranks.
 
 Parameters without a record are replicated and untied. Whether a parameter is frozen is not recorded
 here but read from ``param.requires_grad`` (one source of truth): the gradient buckets, the norm and the
@@ -40,7 +41,7 @@ __all__ = [
 class ParamMeta:
     tp_split_dim: int | None = None
     tied_key: str | None = None
-    sequence_parallel_grad: bool = False
+    partial_grad_over_tp: bool = False
 
     @property
     def is_replicated(self) -> bool:

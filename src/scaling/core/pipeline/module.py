@@ -147,7 +147,7 @@ class ParallelModule(nn.Module):
                         seen.add(id(p))
                         uses[id(p)] = uses.get(id(p), 0) + 1
         self._uses = uses
-        self._sequence_parallel_params = [p for p in self.parameters() if get_param_meta(p).sequence_parallel_grad]
+        self._partial_grad_params = [p for p in self.parameters() if get_param_meta(p).partial_grad_over_tp]
         self.grad_reducer = GradReducer(
             list(self.parameters()),
             topology.dp_group,
@@ -294,7 +294,7 @@ class ParallelModule(nn.Module):
         self.grad_reducer.zero(n_micro, self._uses)
         losses, metrics = self._execute(schedule, batches, step, loss_scale / n_micro, backward=True)
         self.grad_reducer.finish()
-        for p in self._sequence_parallel_params:  # each tp rank saw only its sequence shard
+        for p in self._partial_grad_params:  # each tp rank holds only part of these gradients
             if p.requires_grad:
                 dist.all_reduce(self.grad_reducer.main_grad(p), group=self.topology.tp_group)
         for tied in self._tied:

@@ -1,0 +1,1 @@
+"""The transformer model: architecture config, RoPE, attention, decoder layers, LM head and loss."""

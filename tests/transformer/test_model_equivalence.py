@@ -1,0 +1,102 @@
+"""A tiny Llama-style model (GQA, tied embeddings, SwiGLU, RoPE, RMSNorm) gives the single-process loss and
+gradients on every layout, including kv heads fewer than tp ranks, sequence parallelism, interleaving and
+activation checkpointing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from scaling.core.nn import get_param_meta, unshard
+from scaling.core.nn.dropout import DropoutKey, dropout_key
+from scaling.core.pipeline.module import ParallelModule
+from scaling.core.testing import run_distributed
+from scaling.core.topology import Topology, TopologyConfig
+from scaling.transformer.model.config import TransformerArchitectureConfig
+from scaling.transformer.model.layers import LanguageModelLoss, transformer_layer_specs
+
+N_MICRO, SEQ, MICRO = 2, 8, 2
+ARCH = {
+    "vocab_size": 50, "vocab_multiple": 8, "hidden_size": 16, "num_layers": 2, "num_attention_heads": 4,
+    "num_kv_heads": 2, "intermediate_size": 32, "weight_tying": True, "sequence_length": SEQ,
+}  # fmt: skip
+
+
+def _batches(n: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, 50, (MICRO, SEQ + 1), generator=g)
+        mask = torch.ones(MICRO, SEQ)
+        mask[0, :3] = 0  # a "prompt" excluded from the loss
+        out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask})
+    return out
+
+
+def _reference(arch: dict[str, Any], n_total: int) -> dict[str, Any]:
+    topo = Topology(TopologyConfig())
+    config = TransformerArchitectureConfig.from_dict(arch)
+    layers = torch.nn.ModuleList(spec.build() for spec in transformer_layer_specs(config, topo, seed=5))
+    layers[-1].weight = layers[0].weight
+    loss_fn = LanguageModelLoss(topo)
+    losses = []
+    for micro, batch in enumerate(_batches(n_total)):
+        x: Any = batch
+        for index, layer in enumerate(layers):
+            with dropout_key(DropoutKey(0, 0, micro, index)):
+                x = layer(x)
+        loss, _ = loss_fn(x, batch)
+        (loss / n_total).backward()
+        losses.append(loss.detach())
+    grads = {}
+    for index, layer in enumerate(layers):
+        for name, p in layer.named_parameters():
+            grads[f"layers.{index}.{name}"] = p.grad.clone()
+    return {"loss": torch.stack(losses).mean(), "grads": grads}
+
+
+def _parallel(arch: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any]:
+    topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=N_MICRO, micro_batch_size=MICRO))
+    config = TransformerArchitectureConfig.from_dict(arch)
+    module = ParallelModule(transformer_layer_specs(config, topo, seed=5), topo, LanguageModelLoss(topo))
+    mine = _batches(N_MICRO * topo.dp_size)[topo.dp_rank * N_MICRO : (topo.dp_rank + 1) * N_MICRO]
+    result = module.train_step(mine)
+    grads = {}
+    for index in module.layers:
+        for name, p in module.layers[index].named_parameters():
+            grads[f"layers.{index}.{name}"] = (module.main_grad(p).clone(), get_param_meta(p).tp_split_dim)
+    return {"coord": (topo.pp_rank, topo.dp_rank, topo.tp_rank), "loss": result.loss, "grads": grads}
+
+
+LAYOUTS = [
+    {"model_parallel_size": tp, "pipe_parallel_size": pp, "data_parallel_size": dp}
+    for tp, pp, dp in [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)]
+] + [
+    {"pipe_parallel_size": 2, "pipe_schedule": "interleaved_1f1b", "virtual_pipe_stages": 2},
+    {"model_parallel_size": 2, "activation_checkpointing_type": "every_layer", "pipe_parallel_size": 2},
+    {"model_parallel_size": 2, "sequence_parallel": True},
+    {"model_parallel_size": 4},  # 2 kv heads over 4 ranks: replicated kv projections
+]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda c: "-".join(f"{k.split('_')[0]}{v}" for k, v in c.items()))
+def test_transformer_layouts_match_one_process(layout: dict[str, Any]) -> None:
+    tp, dp = layout.get("model_parallel_size", 1), layout.get("data_parallel_size", 1)
+    world = tp * layout.get("pipe_parallel_size", 1) * dp
+    arch = dict(ARCH)
+    results = run_distributed(_parallel, world, arch, layout, timeout_s=200)
+    expected = run_distributed(_reference, 1, arch, N_MICRO * dp, timeout_s=100)[0]
+    shards: dict[str, dict[int, tuple[torch.Tensor, int | None]]] = {}
+    for r in results:
+        torch.testing.assert_close(r["loss"], expected["loss"], rtol=1e-5, atol=1e-6)
+        if r["coord"][1] == 0:
+            for name, value in r["grads"].items():
+                shards.setdefault(name, {})[r["coord"][2]] = value
+    assert set(shards) == set(expected["grads"])
+    for name, by_rank in shards.items():
+        split = by_rank[0][1]
+        full = by_rank[0][0] if split is None else unshard([by_rank[t][0] for t in range(tp)], split)
+        torch.testing.assert_close(full, expected["grads"][name], rtol=1e-5, atol=1e-6, msg=name)
