@@ -44,3 +44,18 @@ def test_console_script_is_installed() -> None:
     scaling = Path(sys.executable).with_name("scaling")
     result = subprocess.run([str(scaling), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "Train large models" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["config", "template"], ["launch"], ["prepare-data"]])
+def test_every_sub_command_answers_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    assert f"usage: scaling {' '.join(command)}" in capsys.readouterr().out
+
+
+def test_unknown_arguments_of_plain_commands_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["config", "template", "--bogus"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

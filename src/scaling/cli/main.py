@@ -48,8 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start `runner.script` on the topology of CONFIG. See `python -m scaling.core.runner --help`.",
         add_help=False,
     )
-    launch.add_argument("args", nargs=argparse.REMAINDER, help="Arguments of `python -m scaling.core.runner`.")
-    launch.set_defaults(handler=_launch)
+    launch.set_defaults(handler=_launch, delegate=True)
+
+    prepare = commands.add_parser(
+        "prepare-data",
+        help="Tokenise text or JSONL files into a memory-mapped dataset.",
+        description="Run `scaling prepare-data --help` for the options.",
+        add_help=False,
+    )
+    prepare.set_defaults(handler=_prepare_data, delegate=True)
     return parser
 
 
@@ -72,12 +79,22 @@ def _config_template(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from scaling.core.runner.command_line import main as runner_main
 
-    return runner_main(list(args.args), prog="scaling launch")
+    return runner_main(list(args.rest), prog="scaling launch")
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from scaling.transformer.data.prepare import main as prepare_main
+
+    return prepare_main(list(args.rest))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Delegating sub-commands parse their own arguments (and their own --help).
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "delegate", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     return int(args.handler(args))
 
 

@@ -1,0 +1,1 @@
+"""Tokenizer and data preparation for the transformer suite."""

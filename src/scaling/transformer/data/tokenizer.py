@@ -1,0 +1,66 @@
+"""A thin wrapper over Hugging Face ``tokenizers``: load a ``tokenizer.json``, encode, decode, special ids.
+
+``tokenizers`` does the work (fast, Rust); this class only fixes the few things training needs: which
+ids are EOS/BOS/PAD, and a clear error when the file is missing or not a tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+__all__ = ["Tokenizer", "TokenizerError"]
+
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "[CLS]")
+_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, unreadable, or lacks a token training needs."""
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer, source: str = "<tokenizer>") -> None:
+        self.tokenizer = tokenizer
+        self.source = source
+        self.eos_id = self._find(_EOS_NAMES)
+        self.bos_id = self._find(_BOS_NAMES)
+        self.pad_id = self._find(_PAD_NAMES)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file {path} does not exist")
+        try:
+            return cls(HFTokenizer.from_file(str(path)), str(path))
+        except Exception as exc:  # tokenizers raises plain Exceptions for malformed files
+            raise TokenizerError(f"{path} is not a valid tokenizer.json: {exc}") from None
+
+    def _find(self, names: Sequence[str]) -> int | None:
+        for name in names:
+            token_id = self.tokenizer.token_to_id(name)
+            if token_id is not None:
+                return int(token_id)
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(e.ids) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def require_eos(self) -> int:
+        if self.eos_id is None:
+            raise TokenizerError(f"{self.source} has no end-of-sequence token (looked for {', '.join(_EOS_NAMES)})")
+        return self.eos_id
