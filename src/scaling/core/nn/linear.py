@@ -86,11 +86,21 @@ class ColumnParallelLinear(nn.Module):
             self.bias = nn.Parameter(b)
             set_param_meta(self.bias, ParamMeta(tp_split_dim=0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # forward = leave(project(enter(x))): the three steps are separate so adapters (LoRA) can add to the
+    # local projection while reusing the communication unchanged.
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Into the tensor-parallel region: copy (or all-gather sequence shards) of the full input."""
         group = self.topology.tp_group
-        x = all_gather_from_sp(x, group) if self.sequence_parallel else copy_to_tp(x, group)
-        y = nn.functional.linear(x, self.weight, self.bias)  # [..., out_local]
-        return gather_from_tp(y, group) if self.gather_output else y
+        return all_gather_from_sp(x, group) if self.sequence_parallel else copy_to_tp(x, group)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)  # [..., out_local]
+
+    def leave(self, y: torch.Tensor) -> torch.Tensor:
+        return gather_from_tp(y, self.topology.tp_group) if self.gather_output else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.leave(self.project(self.enter(x)))
 
     def extra_repr(self) -> str:
         return (
@@ -141,13 +151,20 @@ class RowParallelLinear(nn.Module):
             # Under sequence parallelism the bias only sees this rank's tokens: its gradient is partial.
             set_param_meta(self.bias, ParamMeta(partial_grad_over_tp=self.sequence_parallel))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # forward = leave(project(enter(x))), as in ColumnParallelLinear.
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_is_parallel else scatter_to_tp(x, self.topology.tp_group)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight)  # [..., out], a partial sum over tp ranks
+
+    def leave(self, partial: torch.Tensor) -> torch.Tensor:
         group = self.topology.tp_group
-        if not self.input_is_parallel:
-            x = scatter_to_tp(x, group)
-        partial = nn.functional.linear(x, self.weight)  # [..., out], summed over tp ranks below
         y = reduce_scatter_to_sp(partial, group) if self.sequence_parallel else reduce_from_tp(partial, group)
         return y + self.bias if self.bias is not None else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.leave(self.project(self.enter(x)))
 
     def extra_repr(self) -> str:
         return (

@@ -97,6 +97,8 @@ class ParallelModule(nn.Module):
         rng_tracker: rewound for recomputation under activation checkpointing, if given.
         precision: dtype of parameters and of floating-point model inputs, and whether gradients are
             averaged in fp32 (the optimizer reads them through ``main_grad``). Default: fp32 throughout.
+        adapt: called as ``adapt(layer, index)`` on each built layer before anything else sees it
+            (finetuning wraps projections and freezes parameters here, before gradient buckets exist).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class ParallelModule(nn.Module):
         seed: int = 0,
         rng_tracker: RngTracker | None = None,
         precision: PrecisionConfig | None = None,
+        adapt: Callable[[nn.Module, int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         config = topology.config
@@ -134,7 +137,10 @@ class ParallelModule(nn.Module):
         self.layers = nn.ModuleDict()
         for layer_range in self.chunk_ranges:
             for index in layer_range:
-                self.layers[str(index)] = self.specs[index].build().to(device=topology.device, dtype=self.dtype)
+                layer = self.specs[index].build()
+                if adapt is not None:
+                    layer = adapt(layer, index)
+                self.layers[str(index)] = layer.to(device=topology.device, dtype=self.dtype)
         self._canonical_names: dict[int, str] = {}
         self._tied = self._tie_weights()
 

@@ -1,0 +1,1 @@
+"""Parameter-efficient finetuning: LoRA, BitFit, bottleneck adapters."""

@@ -1,0 +1,36 @@
+"""Which parameter-efficient finetuning to apply: LoRA, BitFit, bottleneck adapters (combinable)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from scaling.core.config import BaseConfig
+
+__all__ = ["AdapterConfig", "FinetuningConfig", "LoRAConfig"]
+
+
+class LoRAConfig(BaseConfig):
+    """Low-rank updates W + (alpha / rank) B A on chosen projections; B starts at zero."""
+
+    rank: int = Field(8, ge=1, description="Rank r of the update.")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is multiplied by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["query", "key_value", "dense"],
+        description="Names of the projections to adapt: query, key_value, dense (attention), gate, up, down (MLP).",
+    )
+
+
+class AdapterConfig(BaseConfig):
+    """Bottleneck adapters (down -> activation -> up, residual) after the attention and the MLP block."""
+
+    bottleneck: int = Field(16, ge=1, description="Inner width of each adapter.")
+
+
+class FinetuningConfig(BaseConfig):
+    """Everything not named here is frozen (and stays out of the optimizer)."""
+
+    lora: LoRAConfig | None = Field(None, description="LoRA settings; none when unset.")
+    bitfit: bool = Field(False, description="Train all biases (BitFit).")
+    adapters: AdapterConfig | None = Field(None, description="Bottleneck adapters; none when unset.")
+    train_norms: bool = Field(False, description="Also train the norm weights.")
