@@ -24,7 +24,7 @@ $(STAMP): | $(PY)
 install: $(STAMP)
 
 example: $(STAMP)
-	$(PY) -m examples.mlp_example.run examples/mlp_example/config.yml
+	$(PY) -m examples.transformer_example.run
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -46,7 +46,7 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0 and "Train large models" in result.stdout
 
 
-@pytest.mark.parametrize("command", [["config", "template"], ["launch"], ["prepare-data"]])
+@pytest.mark.parametrize("command", [["config", "template"], ["launch"], ["prepare-data"], ["train"]])
 def test_every_sub_command_answers_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])

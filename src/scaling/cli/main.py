@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.set_defaults(handler=_launch, delegate=True)
 
+    train = commands.add_parser(
+        "train",
+        help="Train a transformer on the topology in a config (launches the processes itself).",
+        description="Run `scaling train --help` for the options.",
+        add_help=False,
+    )
+    train.set_defaults(handler=_train, delegate=True)
+
     prepare = commands.add_parser(
         "prepare-data",
         help="Tokenise text or JSONL files into a memory-mapped dataset.",
@@ -80,6 +88,12 @@ def _launch(args: argparse.Namespace) -> int:
     from scaling.core.runner.command_line import main as runner_main
 
     return runner_main(list(args.rest), prog="scaling launch")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from scaling.transformer.train import main as train_main
+
+    return train_main(list(args.rest))
 
 
 def _prepare_data(args: argparse.Namespace) -> int:

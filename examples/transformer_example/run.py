@@ -1,0 +1,110 @@
+"""``python -m examples.transformer_example.run [-o key.path=value ...]``: the whole pipeline, no downloads.
+
+1. corpus: the Python standard library's ``.py`` sources on this machine (found via ``sysconfig``);
+2. tokenizer: a byte-level BPE with the config's vocabulary size, trained on that corpus by ``tokenizers``;
+3. data: the corpus tokenised into the memory-mapped format (``prepare_data``, what ``scaling prepare-data`` runs);
+4. training: ``scaling train config.yml`` on the config's topology (2 processes by default).
+
+Steps 1-3 are cached in ``examples/transformer_example/output``; the loss at the start and the end is
+printed from the metrics file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+from scaling.core.config import ConfigError
+from scaling.transformer.config import TransformerConfig
+from scaling.transformer.data.prepare import prepare_data
+from scaling.transformer.data.tokenizer import Tokenizer
+from scaling.transformer.train import main as train_main
+
+CONFIG = Path(__file__).with_name("config.yml")
+MAX_CORPUS_BYTES = 6_000_000  # enough text for the default run, small enough to prepare in seconds
+
+
+def corpus_files() -> list[Path]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files, total = [], 0
+    for path in sorted(stdlib.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts or not path.is_file():
+            continue
+        files.append(path)
+        total += path.stat().st_size
+        if total > MAX_CORPUS_BYTES:
+            break
+    if not files:
+        raise RuntimeError(f"no Python sources found under {stdlib}")
+    return files
+
+
+def train_tokenizer(files: list[Path], vocab_size: int, path: Path) -> Tokenizer:
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(f) for f in files], trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return Tokenizer.from_file(path)
+
+
+def losses(log_dir: Path) -> list[float]:
+    metrics = log_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r["loss"] for r in records if isinstance(r.get("loss"), float)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.transformer_example.run", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        config = TransformerConfig.from_yaml(CONFIG, args.override)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    assert config.data.tokenizer is not None
+    files = corpus_files()
+    tokenizer = train_tokenizer(files, config.architecture.vocab_size, config.data.tokenizer)
+    prefix = config.data.prefixes[0]
+    if not Path(f"{prefix}.json").is_file():
+        summary = prepare_data(files, tokenizer, prefix)
+        print(f"prepared {summary.documents} files, {summary.tokens} tokens in {summary.seconds:.1f} s -> {prefix}")
+    log_dir = config.logger.log_dir or Path("examples/transformer_example/output/logs")
+    before = len(losses(log_dir))
+    code = train_main([str(CONFIG), *[a for o in args.override for a in ("-o", o)]])
+    if code != 0:
+        return code
+    run = losses(log_dir)[before:]
+    if run:
+        print(f"loss: {run[0]:.3f} at the start, {run[-1]:.3f} at the end ({len(run)} logged steps)")
+    else:
+        previous = losses(log_dir)
+        summary = f" (loss {previous[0]:.3f} -> {previous[-1]:.3f})" if previous else ""
+        steps = config.trainer.train_iterations
+        print(f"already trained to step {steps}{summary}; delete {config.trainer.save_dir} to train again")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

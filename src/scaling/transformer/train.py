@@ -1,0 +1,129 @@
+"""``scaling train CONFIG [-o key.path=value ...]`` / ``python -m scaling.transformer.train``.
+
+Started by hand it launches the config's topology (locally through torchrun, or by the configured
+runner); started as a rank it builds the model, optimizer, data and trainer, and trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from scaling.core.config import ConfigError
+from scaling.core.data import BlendedDataset, DistributedDataLoader, MemoryMapDataset, weights_by_size
+from scaling.core.logging import MetricsLogger, configure_logging
+from scaling.core.optimizer.optimizer import Optimizer
+from scaling.core.pipeline.module import ParallelModule
+from scaling.core.runner import launch
+from scaling.core.topology import RngTracker, Topology, init_distributed
+from scaling.core.trainer import Trainer, TrainingContext
+from scaling.transformer.config import TransformerConfig
+from scaling.transformer.data.datasets import FinetuningDataset, PretrainingDataset
+from scaling.transformer.data.tokenizer import Tokenizer
+from scaling.transformer.finetuning.apply import finetuning_adapter
+from scaling.transformer.model.layers import LanguageModelLoss, transformer_layer_specs
+
+__all__ = ["main", "train"]
+
+
+class _Subset:
+    """A contiguous slice of a dataset (train / validation split without copying)."""
+
+    def __init__(self, dataset: PretrainingDataset | FinetuningDataset | BlendedDataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> object:
+        return self.dataset[self.start + index]
+
+    def collate(self, items: Sequence[object]) -> object:
+        return self.dataset.collate(items)  # type: ignore[arg-type]
+
+
+def _datasets(config: TransformerConfig) -> tuple[_Subset, _Subset]:
+    data, arch = config.data, config.architecture
+    full: PretrainingDataset | FinetuningDataset | BlendedDataset
+    if data.finetuning_jsonl is not None:
+        assert data.tokenizer is not None
+        full = FinetuningDataset(data.finetuning_jsonl, Tokenizer.from_file(data.tokenizer), arch.sequence_length)
+    else:
+        parts = [
+            PretrainingDataset(MemoryMapDataset(p), arch.sequence_length, arch.document_masking) for p in data.prefixes
+        ]
+        if len(parts) == 1:
+            full = parts[0]
+        else:
+            weights = data.weights or weights_by_size([len(p) for p in parts], alpha=1.0)
+            full = BlendedDataset(parts, weights, sum(len(p) for p in parts), data.blend_cache_dir)
+    held_out = max(int(len(full) * data.validation_fraction), config.topology.global_batch)
+    if len(full) - held_out < config.topology.global_batch:
+        raise ConfigError(
+            f"data: {len(full)} samples cannot fill one training and one validation global batch "
+            f"({config.topology.global_batch} each); prepare more data or lower the batch size"
+        )
+    return _Subset(full, 0, len(full) - held_out), _Subset(full, len(full) - held_out, len(full))
+
+
+def build_module(config: TransformerConfig, topology: Topology, rng: RngTracker | None = None) -> ParallelModule:
+    adapt = finetuning_adapter(config.finetuning, topology) if config.finetuning is not None else None
+    return ParallelModule(
+        transformer_layer_specs(config.architecture, topology, seed=config.trainer.seed),
+        topology,
+        LanguageModelLoss(topology),
+        seed=config.trainer.seed,
+        rng_tracker=rng,
+        precision=config.precision,
+        adapt=adapt,
+    )
+
+
+def train(config: TransformerConfig) -> Trainer:
+    topology = init_distributed(config.topology)
+    coord = (topology.pp_rank, topology.dp_rank, topology.tp_rank)
+    logger = configure_logging(config.logger, topology.global_rank, coord)
+    rng = RngTracker(config.trainer.seed, topology.coord, topology.device)
+    module = build_module(config, topology, rng)
+    optimizer = Optimizer(module, config.optimizer)
+    train_set, validation_set = _datasets(config)
+    train_data = DistributedDataLoader(
+        train_set, topology, seed=config.trainer.seed, num_workers=config.data.num_workers
+    )
+    validation = DistributedDataLoader(validation_set, topology, shuffle=False)
+    parameters = sum(p.numel() for p in module.parameters())
+    logger.info("this rank holds %.2fM parameters (%s)", parameters / 1e6, module.extra_repr())
+    is_metrics_rank = topology.is_last_pipe_stage and topology.dp_rank == 0 and topology.tp_rank == 0
+    with MetricsLogger(config.logger, enabled=is_metrics_rank, run_config=config.to_dict()) as metrics:
+        trainer = Trainer(
+            config.trainer, TrainingContext(config, topology), module, optimizer, train_data, validation, metrics, rng
+        )
+        trainer.run()
+    return trainer
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "scaling train") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Train a transformer on the topology in CONFIG.")
+    parser.add_argument("config", help="YAML config (see `scaling config template --class "
+                        "scaling.transformer.config:TransformerConfig`).")  # fmt: skip
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        config = TransformerConfig.from_yaml(args.config, args.override)
+        if "RANK" not in os.environ and config.topology.n_ranks > 1:
+            script_args = [args.config, *[a for o in args.override for a in ("-o", o)]]
+            runner = config.runner.model_copy(
+                update={"script": "scaling.transformer.train", "module": True, "script_args": script_args}
+            )
+            return launch(runner, config.topology.n_ranks)
+        train(config)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(prog="python -m scaling.transformer.train"))
