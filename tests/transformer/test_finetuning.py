@@ -109,3 +109,34 @@ def _masked_loss() -> list[float]:
 def test_loss_masks_exclude_prompt_tokens() -> None:
     a, b, full = run_distributed(_masked_loss, 1)[0]
     assert a == pytest.approx(b) and a == pytest.approx(full, rel=1e-6)
+
+
+def _adapter_checkpoint(base_dir: str, adapter_dir: str) -> dict[str, Any]:
+    from scaling.core.checkpoint import load_checkpoint, save_checkpoint
+
+    topo = Topology(TopologyConfig(gradient_accumulation_steps=2))
+    base = _module(topo, None)
+    save_checkpoint(base_dir, 1, base)
+    tuned = _module(topo, LORA)
+    load_checkpoint(base_dir, tuned, missing="keep_initialised")  # the LoRA factors are not in the base
+    optimizer = Optimizer(
+        tuned, OptimizerConfig.from_dict({"training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-2}}]})
+    )
+    for step in range(2):
+        tuned.train_step(_batches(2), step=step)
+        optimizer.step(step)
+    save_checkpoint(adapter_dir, 2, tuned, weights="trainable")
+    expected = tuned.eval_step(_batches(2)).loss
+    fresh = _module(topo, LORA)
+    load_checkpoint(base_dir, fresh, missing="keep_initialised")
+    load_checkpoint(adapter_dir, fresh, missing="keep_initialised")  # frozen base weights are not in it
+    from pathlib import Path
+
+    stored = sorted(p.name for p in (Path(adapter_dir) / "global_step2" / "model").iterdir())
+    return {"expected": expected, "restored": fresh.eval_step(_batches(2)).loss, "files": stored}
+
+
+def test_adapter_weights_save_alone_and_load_on_top_of_the_base(tmp_path: Any) -> None:
+    result = run_distributed(_adapter_checkpoint, 1, str(tmp_path / "base"), str(tmp_path / "adapter"))[0]
+    torch.testing.assert_close(result["restored"], result["expected"], rtol=0, atol=0)
+    assert result["files"] == ["layer_00001.safetensors", "layer_00002.safetensors"]  # no embedding or head

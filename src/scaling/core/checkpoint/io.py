@@ -94,10 +94,13 @@ def save_checkpoint(
     config: Mapping[str, Any] | None = None,
     rank_state: Mapping[str, torch.Tensor] | None = None,
     keep_last: int | None = None,
+    weights: Literal["all", "trainable"] = "all",
 ) -> Path:
     """Write ``global_step{step}`` under ``save_dir``; collective (every rank calls it).
 
-    Refuses to overwrite an existing ``global_step{step}``: nothing already saved is touched.
+    ``weights="trainable"`` stores only parameters that require grad: a finetuning run (LoRA, BitFit,
+    adapters) saves just its adapter weights, to be loaded on top of the base checkpoint. Refuses to
+    overwrite an existing ``global_step{step}``: nothing already saved is touched.
     """
     save_dir = Path(save_dir)
     topo = module.topology
@@ -111,7 +114,8 @@ def save_checkpoint(
         work.mkdir()
     dist.barrier()
 
-    _save_per_layer(work, module, {id(p): {"": p.detach()} for p in module.parameters()}, model_layer_file)
+    saved = [p for p in module.parameters() if weights == "all" or p.requires_grad]
+    _save_per_layer(work, module, {id(p): {"": p.detach()} for p in saved}, model_layer_file)
     if optimizer is not None:
         states = optimizer.parameter_states()  # collective over dp when sharded
         steps = optimizer.steps_taken()
@@ -127,6 +131,7 @@ def save_checkpoint(
             "version": FORMAT_VERSION,
             "step": step,
             "topology": _topology_record(module),
+            "weights": weights,
             "optimizer": None
             if optimizer is None
             else {
