@@ -100,3 +100,47 @@ def test_transformer_layouts_match_one_process(layout: dict[str, Any]) -> None:
         split = by_rank[0][1]
         full = by_rank[0][0] if split is None else unshard([by_rank[t][0] for t in range(tp)], split)
         torch.testing.assert_close(full, expected["grads"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _uneven_batches(n: int) -> list[dict[str, torch.Tensor]]:
+    out = _batches(n)
+    for i, batch in enumerate(out):
+        batch["loss_mask"][:, : 1 + 2 * i] = 0  # every micro-batch has a different number of loss tokens
+    return out
+
+
+def _token_mean_reference(n_total: int) -> torch.Tensor:
+    topo = Topology(TopologyConfig())
+    config = TransformerArchitectureConfig.from_dict(ARCH)
+    layers = torch.nn.ModuleList(spec.build() for spec in transformer_layer_specs(config, topo, seed=5))
+    layers[-1].weight = layers[0].weight
+    total, weighted = 0.0, torch.zeros(())
+    for batch in _uneven_batches(n_total):
+        x: Any = batch
+        for layer in layers:
+            x = layer(x)
+        per_token = torch.nn.functional.cross_entropy(x.flatten(0, 1), batch["targets"].flatten(), reduction="none")
+        weighted = weighted + (per_token * batch["loss_mask"].flatten()).sum()
+        total += float(batch["loss_mask"].sum())
+    return weighted / total
+
+
+def _weighted_parallel(layout: dict[str, Any]) -> torch.Tensor:
+    from scaling.transformer.model.layers import loss_tokens
+
+    topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=N_MICRO, micro_batch_size=MICRO))
+    config = TransformerArchitectureConfig.from_dict(ARCH)
+    specs = transformer_layer_specs(config, topo, seed=5)
+    module = ParallelModule(specs, topo, LanguageModelLoss(topo), weight_fn=loss_tokens)
+    mine = _uneven_batches(N_MICRO * topo.dp_size)[topo.dp_rank * N_MICRO : (topo.dp_rank + 1) * N_MICRO]
+    return module.train_step(mine).loss
+
+
+@pytest.mark.parametrize(
+    "layout", [{"data_parallel_size": 2, "pipe_parallel_size": 2}, {"data_parallel_size": 1}], ids=str
+)
+def test_uneven_loss_masks_average_over_tokens_like_one_process(layout: dict[str, Any]) -> None:
+    world = layout.get("data_parallel_size", 1) * layout.get("pipe_parallel_size", 1)
+    expected = run_distributed(_token_mean_reference, 1, N_MICRO * layout["data_parallel_size"])[0]
+    for loss in run_distributed(_weighted_parallel, world, layout):
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

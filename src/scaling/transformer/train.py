@@ -23,7 +23,7 @@ from scaling.transformer.config import TransformerConfig
 from scaling.transformer.data.datasets import FinetuningDataset, PretrainingDataset
 from scaling.transformer.data.tokenizer import Tokenizer
 from scaling.transformer.finetuning.apply import finetuning_adapter
-from scaling.transformer.model.layers import LanguageModelLoss, transformer_layer_specs
+from scaling.transformer.model.layers import LanguageModelLoss, loss_tokens, transformer_layer_specs
 
 __all__ = ["main", "train"]
 
@@ -78,6 +78,7 @@ def build_module(config: TransformerConfig, topology: Topology, rng: RngTracker 
         rng_tracker=rng,
         precision=config.precision,
         adapt=adapt,
+        weight_fn=loss_tokens,
     )
 
 

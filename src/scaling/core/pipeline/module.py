@@ -99,6 +99,10 @@ class ParallelModule(nn.Module):
             averaged in fp32 (the optimizer reads them through ``main_grad``). Default: fp32 throughout.
         adapt: called as ``adapt(layer, index)`` on each built layer before anything else sees it
             (finetuning wraps projections and freezes parameters here, before gradient buckets exist).
+        weight_fn: the weight of a micro-batch's loss (e.g. its number of loss tokens). Given, every
+            micro-batch counts in proportion to it over the whole step and all data-parallel ranks, so a
+            token-averaged loss is averaged over tokens exactly as one process would; otherwise every
+            micro-batch counts the same.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class ParallelModule(nn.Module):
         rng_tracker: RngTracker | None = None,
         precision: PrecisionConfig | None = None,
         adapt: Callable[[nn.Module, int], nn.Module] | None = None,
+        weight_fn: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         config = topology.config
@@ -120,6 +125,7 @@ class ParallelModule(nn.Module):
         self.topology = topology
         self.loss_fn = loss_fn
         self.input_fn = input_fn
+        self.weight_fn = weight_fn
         self.seed = seed
         self.rng_tracker = rng_tracker
         self.pp, self.stage = topology.pp_size, topology.pp_rank
@@ -298,7 +304,8 @@ class ParallelModule(nn.Module):
             self.n_chunks,
         )
         self.grad_reducer.zero(n_micro, self._uses)
-        losses, metrics = self._execute(schedule, batches, step, loss_scale / n_micro, backward=True)
+        shares = self._shares(batches)
+        losses, metrics = self._execute(schedule, batches, step, [s * loss_scale for s in shares], backward=True)
         self.grad_reducer.finish()
         for p in self._partial_grad_params:  # each tp rank holds only part of these gradients
             if p.requires_grad:
@@ -308,26 +315,44 @@ class ParallelModule(nn.Module):
                 for p in tied.params:
                     if p.requires_grad:
                         dist.all_reduce(self.grad_reducer.main_grad(p), group=tied.group)
-        return self._reduce_results(losses, metrics)
+        return self._reduce_results(losses, metrics, shares)
+
+    def _shares(self, batches: Sequence[Any]) -> list[torch.Tensor | float]:
+        """Each micro-batch's share of the step's loss, such that the dp average gives the one-process value."""
+        n_micro = len(batches)
+        if self.weight_fn is None or not self.topology.is_last_pipe_stage:
+            return [1.0 / n_micro] * n_micro
+        weights = torch.stack([self.weight_fn(batch).float().reshape(()) for batch in batches])
+        total = weights.sum()
+        if self.topology.dp_size > 1:
+            dist.all_reduce(total, group=self.topology.dp_group)
+        return list(weights * self.topology.dp_size / total.clamp(min=1e-12))
 
     @torch.no_grad()
     def eval_step(self, batches: Sequence[Any], *, step: int = 0) -> StepResult:
         """Forward only, no gradients; the loss averaged as in :meth:`train_step`."""
         self.eval()
         schedule = forward_only(len(batches), self.pp, self.stage, self.n_chunks)
-        losses, metrics = self._execute(schedule, batches, step, 1.0, backward=False)
-        return self._reduce_results(losses, metrics)
+        shares = self._shares(batches)
+        losses, metrics = self._execute(schedule, batches, step, shares, backward=False)
+        return self._reduce_results(losses, metrics, shares)
 
     def _execute(
-        self, schedule: list[Instruction], batches: Sequence[Any], step: int, scale: float, *, backward: bool
-    ) -> tuple[list[torch.Tensor], list[Mapping[str, torch.Tensor]]]:
+        self,
+        schedule: list[Instruction],
+        batches: Sequence[Any],
+        step: int,
+        scales: Sequence[torch.Tensor | float],
+        *,
+        backward: bool,
+    ) -> tuple[dict[int, torch.Tensor], list[Mapping[str, torch.Tensor]]]:
         n_micro = len(batches)
         last_virtual = self.n_virtual - 1
         received: dict[tuple[int, int], tuple[Any, list[torch.Tensor]]] = {}
         outputs: dict[tuple[int, int], Any] = {}
         out_grads: dict[tuple[int, int], list[torch.Tensor]] = {}
         works: list[Any] = []
-        losses: list[torch.Tensor] = []
+        losses: dict[int, torch.Tensor] = {}
         metrics: list[Mapping[str, torch.Tensor]] = []
         for instr in schedule:
             key = (instr.micro, instr.chunk)
@@ -342,10 +367,10 @@ class ParallelModule(nn.Module):
                     y = self._run_chunk(chunk, x, global_micro, step)
                     if virtual == last_virtual:
                         loss, micro_metrics = self.loss_fn(y, batches[micro])
-                        losses.append(loss.detach())
+                        losses[micro] = loss.detach()
                         metrics.append({k: v.detach() for k, v in micro_metrics.items()})
                         if backward:
-                            outputs[key] = loss * scale
+                            outputs[key] = loss * scales[micro]
                     else:
                         outputs[key] = y
                 case SendActivation(micro, chunk):
@@ -368,10 +393,16 @@ class ParallelModule(nn.Module):
             work.wait()
         return losses, metrics
 
-    def _reduce_results(self, losses: list[torch.Tensor], metrics: list[Mapping[str, torch.Tensor]]) -> StepResult:
+    def _reduce_results(
+        self,
+        losses: dict[int, torch.Tensor],
+        metrics: list[Mapping[str, torch.Tensor]],
+        shares: Sequence[torch.Tensor | float],
+    ) -> StepResult:
         topo = self.topology
-        device = topo.device
-        loss = torch.stack(losses).float().mean() if losses else torch.zeros((), device=device)
+        loss = torch.zeros((), device=topo.device)
+        for micro, value in losses.items():  # only the last stage has losses
+            loss = loss + shares[micro] * value.float()
         if self.pp > 1:  # the loss lives on the last stage; every rank reports it
             last = rank_of(Coord(self.pp - 1, topo.dp_rank, topo.tp_rank), topo.sizes)
             dist.broadcast(loss, src=last, group=topo.pp_group)

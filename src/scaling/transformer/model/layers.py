@@ -31,7 +31,7 @@ from scaling.transformer.model.attention import Attention, attention_mask
 from scaling.transformer.model.config import TransformerArchitectureConfig
 from scaling.transformer.model.rope import inverse_frequencies, rotary_tables
 
-__all__ = ["DecoderLayer", "EmbeddingLayer", "LMHead", "LanguageModelLoss", "transformer_layer_specs"]
+__all__ = ["DecoderLayer", "EmbeddingLayer", "LMHead", "LanguageModelLoss", "loss_tokens", "transformer_layer_specs"]
 
 Activations = dict[str, torch.Tensor]
 
@@ -158,11 +158,10 @@ class LMHead(nn.Module):
 
 
 class LanguageModelLoss:
-    """Token-weighted mean cross entropy over positions whose ``loss_mask`` is 1 (all when absent).
+    """Mean cross entropy over the positions whose ``loss_mask`` is 1 (all when absent).
 
-    Every micro-batch's loss is normalised by the number of loss tokens in the *whole step* when
-    ``tokens_per_step`` is set by the caller, so uneven masks average exactly as on one process;
-    otherwise by the micro-batch's own count.
+    With ``ParallelModule(weight_fn=loss_tokens)`` each micro-batch's mean is weighted by its token count
+    over the whole step, so the step's loss is the token mean one process would compute.
     """
 
     def __init__(self, topology: Topology) -> None:
@@ -176,6 +175,12 @@ class LanguageModelLoss:
         tokens = mask.sum()
         loss = (per_token * mask).sum() / tokens.clamp(min=1)
         return loss, {"loss_tokens": tokens}
+
+
+def loss_tokens(batch: dict[str, Any]) -> torch.Tensor:
+    """A micro-batch's weight in the step's loss: its number of loss tokens (``ParallelModule(weight_fn=...)``)."""
+    mask = batch.get("loss_mask")
+    return mask.sum() if mask is not None else torch.tensor(float(batch["targets"].numel()))
 
 
 def transformer_layer_specs(
