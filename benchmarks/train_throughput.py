@@ -1,0 +1,166 @@
+"""Training throughput and model FLOP utilisation against Hugging Face ``transformers``, on this machine.
+
+Run: ``python benchmarks/train_throughput.py`` (CPU; on a GPU machine pass ``--device cuda --dtype bfloat16``).
+
+For a ~20M and a ~100M parameter Llama-style model (GQA, SwiGLU, RoPE, RMSNorm, untied head), the same
+shapes are trained (a) by scaling (ParallelModule + Optimizer, one process) and (b) as
+``transformers.LlamaForCausalLM`` with a plain ``torch.optim.AdamW`` loop, same dtype, same batch. It
+prints tokens/s, the ratio scaling / Hugging Face, and MFU = achieved FLOP/s over the matrix-multiply peak
+measured in the same run (training FLOPs = 6 N tokens + 12 L s h tokens for attention). Finally dp=2 (two
+processes with one thread each) is compared with one process using two threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from scaling.core.nn.precision import PrecisionConfig
+from scaling.core.optimizer.config import OptimizerConfig
+from scaling.core.optimizer.optimizer import Optimizer
+from scaling.core.pipeline.module import ParallelModule
+from scaling.core.testing import run_distributed
+from scaling.core.topology import Topology, TopologyConfig
+from scaling.transformer.model.config import TransformerArchitectureConfig
+from scaling.transformer.model.layers import LanguageModelLoss, transformer_layer_specs
+
+SIZES = {
+    "20M": {
+        "hidden_size": 384,
+        "num_layers": 6,
+        "num_attention_heads": 6,
+        "num_kv_heads": 2,
+        "intermediate_size": 1024,
+    },
+    "100M": {
+        "hidden_size": 768,
+        "num_layers": 10,
+        "num_attention_heads": 12,
+        "num_kv_heads": 4,
+        "intermediate_size": 2048,
+    },
+}
+VOCAB, SEQ = 8192, 256
+
+
+def _matmul_peak(threads: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """FLOP/s of a large square matmul: the practical peak of this machine for this dtype."""
+    torch.set_num_threads(threads)
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def _flops_per_token(arch: dict[str, int], parameters: int) -> float:
+    return 6 * parameters + 12 * arch["num_layers"] * SEQ * arch["hidden_size"]
+
+
+def _batch(micro: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (micro, SEQ + 1), generator=g)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def _scaling(size: str, micro: int, steps: int, threads: int, dtype_name: str) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    arch = {**SIZES[size], "vocab_size": VOCAB, "sequence_length": SEQ, "weight_tying": False}
+    dp = torch.distributed.get_world_size()
+    topo = Topology(TopologyConfig(data_parallel_size=dp, micro_batch_size=micro, gradient_accumulation_steps=1))
+    config = TransformerArchitectureConfig.from_dict(arch)
+    precision = PrecisionConfig.from_dict({"precision": dtype_name})
+    module = ParallelModule(transformer_layer_specs(config, topo), topo, LanguageModelLoss(topo), precision=precision)
+    optimizer = Optimizer(module, OptimizerConfig())
+    parameters = sum(p.numel() for p in module.parameters())
+    times = []
+    for step in range(steps + 1):
+        batch = _batch(micro, step + 100 * topo.dp_rank)
+        start = time.perf_counter()
+        module.train_step([batch], step=step)
+        optimizer.step(step)
+        if step > 0:
+            times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "parameters": float(parameters)}
+
+
+def _huggingface(size: str, micro: int, steps: int, threads: int, dtype_name: str) -> dict[str, float]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    arch = SIZES[size]
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=arch["hidden_size"], intermediate_size=arch["intermediate_size"],
+        num_hidden_layers=arch["num_layers"], num_attention_heads=arch["num_attention_heads"],
+        num_key_value_heads=arch["num_kv_heads"], max_position_embeddings=SEQ, tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype_name))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for step in range(steps + 1):
+        batch = _batch(micro, step)
+        start = time.perf_counter()
+        logits = model(input_ids=batch["tokens"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step > 0:
+            times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "parameters": float(sum(p.numel() for p in model.parameters()))}
+
+
+def _row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    dtype = getattr(torch, args.dtype)
+    peak = _matmul_peak(threads, dtype)
+    tokens = args.micro_batch * SEQ
+    print(f"matmul peak ({threads} threads, {args.dtype}): {peak / 1e9:.1f} GFLOP/s; {tokens} tokens per step")
+    headers = ["model", "params", "scaling tok/s", "HF tok/s", "ratio", "scaling MFU", "HF MFU"]
+    widths = [6, 8, 14, 10, 6, 12, 8]
+    print(_row(headers, widths))
+    for size in args.sizes:
+        ours = run_distributed(_scaling, 1, size, args.micro_batch, args.steps, threads, args.dtype, timeout_s=1800)[0]
+        theirs = _huggingface(size, args.micro_batch, args.steps, threads, args.dtype)
+        flops = _flops_per_token(SIZES[size], int(ours["parameters"]))
+        ours_tps, theirs_tps = tokens / ours["seconds"], tokens / theirs["seconds"]
+        cells = [
+            size,
+            f"{ours['parameters'] / 1e6:.1f}M",
+            f"{ours_tps:.0f}",
+            f"{theirs_tps:.0f}",
+            f"{ours_tps / theirs_tps:.2f}",
+            f"{ours_tps * flops / peak:.1%}",
+            f"{theirs_tps * flops / peak:.1%}",
+        ]
+        print(_row(cells, widths))
+    size = args.sizes[0]
+    two_threads = run_distributed(_scaling, 1, size, args.micro_batch, args.steps, 2, args.dtype, timeout_s=1800)[0]
+    two_ranks = run_distributed(_scaling, 2, size, args.micro_batch, args.steps, 1, args.dtype, timeout_s=1800)
+    one = tokens / two_threads["seconds"]
+    dp = 2 * tokens / max(r["seconds"] for r in two_ranks)
+    print(f"\n{size}: dp=2 (2 processes x 1 thread) {dp:.0f} tok/s", end="")
+    print(f" vs 1 process x 2 threads {one:.0f} tok/s: {dp / one:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
