@@ -133,10 +133,46 @@ def _adapter_checkpoint(base_dir: str, adapter_dir: str) -> dict[str, Any]:
     from pathlib import Path
 
     stored = sorted(p.name for p in (Path(adapter_dir) / "global_step2" / "model").iterdir())
-    return {"expected": expected, "restored": fresh.eval_step(_batches(2)).loss, "files": stored}
+    base_weights = dict(base.named_parameters_canonical())
+    frozen_from_base = all(
+        torch.equal(p, base_weights[n]) for n, p in fresh.named_parameters_canonical() if not p.requires_grad
+    )
+    return {
+        "expected": expected,
+        "restored": fresh.eval_step(_batches(2)).loss,
+        "files": stored,
+        "frozen_from_base": frozen_from_base,
+        "names_kept": set(base_weights) <= {n for n, _ in fresh.named_parameters_canonical()},
+    }
 
 
 def test_adapter_weights_save_alone_and_load_on_top_of_the_base(tmp_path: Any) -> None:
     result = run_distributed(_adapter_checkpoint, 1, str(tmp_path / "base"), str(tmp_path / "adapter"))[0]
     torch.testing.assert_close(result["restored"], result["expected"], rtol=0, atol=0)
     assert result["files"] == ["layer_00001.safetensors", "layer_00002.safetensors"]  # no embedding or head
+    assert result["names_kept"]  # wrapping a projection in LoRA does not rename its weights
+    assert result["frozen_from_base"]  # so the base checkpoint really loaded into the adapted model
+
+
+def _soft_prompt(layout: dict[str, Any]) -> dict[str, Any]:
+    topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=2))
+    module = _module(topo, {"soft_prompt": {"tokens": 3}})
+    optimizer = Optimizer(
+        module, OptimizerConfig.from_dict({"training_groups": [{"learning_rate_schedule": {"learning_rate": 5e-2}}]})
+    )
+    before = {n: p.detach().clone() for n, p in module.named_parameters_canonical()}
+    losses = []
+    for step in range(4):
+        losses.append(module.train_step(_batches(2), step=step).loss)
+        optimizer.step(step)
+    changed = sorted(n for n, p in module.named_parameters_canonical() if not torch.equal(p, before[n]))
+    return {"losses": torch.stack(losses), "changed": changed}
+
+
+def test_soft_prompt_trains_only_the_prompt_on_any_layout() -> None:
+    single = run_distributed(_soft_prompt, 1, {})[0]
+    assert single["changed"] == ["layers.0.soft_prompt"]
+    assert single["losses"][-1] < single["losses"][0]
+    for layout, world in (({"model_parallel_size": 2}, 2), ({"pipe_parallel_size": 2}, 2)):
+        for result in run_distributed(_soft_prompt, world, layout):
+            torch.testing.assert_close(result["losses"], single["losses"], rtol=1e-5, atol=1e-6)

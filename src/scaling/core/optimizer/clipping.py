@@ -16,11 +16,13 @@ import torch.distributed as dist
 __all__ = ["clip_grads_", "global_grad_norm"]
 
 
-def global_grad_norm(grads: Iterable[torch.Tensor], group: dist.ProcessGroup | None) -> torch.Tensor:
+def global_grad_norm(
+    grads: Iterable[torch.Tensor], group: dist.ProcessGroup | None, device: torch.device | None = None
+) -> torch.Tensor:
     """L2 norm of the full model's gradient from this rank's counted ``grads`` (each weight once over the
     model-parallel ``group``), identical on every rank of the group; inf/nan propagate."""
     grads = list(grads)
-    device = grads[0].device if grads else torch.device("cpu")
+    device = grads[0].device if grads else (device or torch.device("cpu"))  # a rank may hold no gradients
     squares = torch.zeros((), dtype=torch.float32, device=device)
     for grad in grads:
         squares += grad.detach().float().pow(2).sum()

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from scaling.core.logging import get_logger
 from scaling.core.optimizer.clipping import clip_grads_, global_grad_norm
@@ -67,11 +68,14 @@ class Optimizer:
         self.shards = [
             FlatShard([by_name[n] for n in slot.names], parts, index, topology.dp_group) for slot in self.slots
         ]
+        groups: list[dict[str, Any]] = [
+            {"params": [shard.master], "weight_decay": slot.weight_decay, "lr": 0.0}
+            for slot, shard in zip(self.slots, self.shards, strict=True)
+        ]
+        if not groups:  # a stage without trainable parameters (e.g. finetuning only the first stage)
+            groups = [{"params": [nn.Parameter(torch.zeros(0, device=topology.device))], "lr": 0.0}]
         self.adam = torch.optim.AdamW(
-            [
-                {"params": [shard.master], "weight_decay": slot.weight_decay, "lr": 0.0}
-                for slot, shard in zip(self.slots, self.shards, strict=True)
-            ],
+            groups,
             betas=(config.beta1, config.beta2),
             eps=config.eps,
             foreach=False,
@@ -101,12 +105,15 @@ class Optimizer:
         if self.sharded:
             for shard in self.shards:
                 shard.reduce_scatter_grad(grads)
-            squares = torch.stack([shard.squared_norm(self._counted) for shard in self.shards]).sum()
+            squares = sum(
+                (shard.squared_norm(self._counted) for shard in self.shards),
+                torch.zeros((), device=topology.device),
+            )
             dist.all_reduce(squares)  # shards over dp x weights over tp and pp: every rank of the world
             norm = squares.sqrt()
         else:
             counted = [grads[id(p)] for p in self._params if id(p) in self._counted]
-            norm = global_grad_norm(counted, topology.model_group)
+            norm = global_grad_norm(counted, topology.model_group, topology.device)
         overflow = not bool(torch.isfinite(norm))  # the one host sync of the step: skip or not
         lrs = {slot.group.name: learning_rate_at(step, slot.group.learning_rate_schedule) for slot in self.slots}
         if overflow:
@@ -130,7 +137,7 @@ class Optimizer:
         if self.config.gradient_clipping > 0:
             master_grads = [shard.master.grad for shard in self.shards if shard.master.grad is not None]
             clipped = clip_grads_(master_grads, self.config.gradient_clipping, norm)
-        for slot, group in zip(self.slots, self.adam.param_groups, strict=True):
+        for slot, group in zip(self.slots, self.adam.param_groups[: len(self.slots)], strict=True):
             group["lr"] = lrs[slot.group.name]
         self.adam.step()
         for shard in self.shards:

@@ -425,7 +425,14 @@ class ParallelModule(nn.Module):
         tied to the head), on every stage, so configs (parameter groups) and checkpoints address it the
         same way on any layout. Other parameters keep their ``named_parameters`` names.
         """
-        return [(self._canonical_names.get(id(p), name), p) for name, p in self.named_parameters()]
+        named: list[tuple[str, nn.Parameter]] = []
+        seen: set[int] = set()
+        for index, layer in self.layers.items():
+            for name, p in _transparent_named_parameters(layer, f"layers.{index}"):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    named.append((self._canonical_names.get(id(p), name), p))
+        return named
 
     def is_tied_copy(self, param: nn.Parameter) -> bool:
         """True for a tied weight held by a stage that is not its first holder (checkpoints skip it)."""
@@ -455,6 +462,21 @@ class ParallelModule(nn.Module):
     def extra_repr(self) -> str:
         ranges = ", ".join(f"chunk {c}: layers {r.start}..{r.stop - 1}" for c, r in enumerate(self.chunk_ranges))
         return f"stage={self.stage}/{self.pp}, {ranges}"
+
+
+def _transparent_named_parameters(module: nn.Module, prefix: str) -> list[tuple[str, nn.Parameter]]:
+    """``named_parameters`` in which wrapper modules do not add a path segment.
+
+    A module that wraps another (LoRA around a projection, an adapter around a block) names the wrapped
+    child in ``_transparent_child``; its parameters keep the names they had unwrapped, so a base
+    checkpoint loads into an adapted model and adapter names sit next to the weights they adapt.
+    """
+    named = [(f"{prefix}.{name}", p) for name, p in module.named_parameters(recurse=False)]
+    transparent = getattr(module, "_transparent_child", None)
+    for child_name, child in module.named_children():
+        child_prefix = prefix if child_name == transparent else f"{prefix}.{child_name}"
+        named.extend(_transparent_named_parameters(child, child_prefix))
+    return named
 
 
 def _one_chunk(schedule: str) -> str:

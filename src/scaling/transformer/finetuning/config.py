@@ -6,7 +6,7 @@ from pydantic import Field
 
 from scaling.core.config import BaseConfig
 
-__all__ = ["AdapterConfig", "FinetuningConfig", "LoRAConfig"]
+__all__ = ["AdapterConfig", "FinetuningConfig", "LoRAConfig", "SoftPromptConfig"]
 
 
 class LoRAConfig(BaseConfig):
@@ -27,10 +27,17 @@ class AdapterConfig(BaseConfig):
     bottleneck: int = Field(16, ge=1, description="Inner width of each adapter.")
 
 
+class SoftPromptConfig(BaseConfig):
+    """Learned embeddings prepended to every sequence (prompt tuning)."""
+
+    tokens: int = Field(8, ge=1, description="Number of learned prompt embeddings.")
+
+
 class FinetuningConfig(BaseConfig):
     """Everything not named here is frozen (and stays out of the optimizer)."""
 
     lora: LoRAConfig | None = Field(None, description="LoRA settings; none when unset.")
     bitfit: bool = Field(False, description="Train all biases (BitFit).")
     adapters: AdapterConfig | None = Field(None, description="Bottleneck adapters; none when unset.")
+    soft_prompt: SoftPromptConfig | None = Field(None, description="Prompt tuning; none when unset.")
     train_norms: bool = Field(False, description="Also train the norm weights.")

@@ -31,6 +31,8 @@ def _kaiming_uniform(fan_in: int) -> InitMethod:
 
 
 class LoRALinear(nn.Module):
+    _transparent_child = "base"  # the base weights keep their names (see ParallelModule canonical names)
+
     def __init__(
         self, base: ColumnParallelLinear | RowParallelLinear, rank: int, alpha: float, dropout: float, seed: int
     ) -> None:

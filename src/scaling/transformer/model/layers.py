@@ -152,6 +152,8 @@ class LMHead(nn.Module):
 
     def forward(self, x: Activations) -> torch.Tensor:
         h = self.norm(x["h"])
+        if "soft_prompt_tokens" in x:  # prompt tuning prepended learned positions: they predict nothing
+            h = h[:, x["soft_prompt_tokens"].shape[1] :]
         group = self.topology.tp_group
         h = all_gather_from_sp(h, group) if self.sequence_parallel else copy_to_tp(h, group)
         return h @ self.weight.t()
