@@ -33,8 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return launch(runner, config.topology.n_ranks)
     from examples.mlp_example.train import train
+    from scaling.core.topology import shutdown_distributed
 
     result = train(config)
+    shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"test accuracy: {result['test_accuracy']:.4f}")
     return 0

@@ -17,7 +17,7 @@ from scaling.core.logging import MetricsLogger, configure_logging
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.runner import launch
-from scaling.core.topology import RngTracker, Topology, init_distributed
+from scaling.core.topology import RngTracker, Topology, init_distributed, shutdown_distributed
 from scaling.core.trainer import Trainer, TrainingContext
 from scaling.transformer.config import TransformerConfig
 from scaling.transformer.data.datasets import FinetuningDataset, PretrainingDataset
@@ -98,8 +98,17 @@ def train(config: TransformerConfig) -> Trainer:
     logger.info("this rank holds %.2fM parameters (%s)", parameters / 1e6, module.extra_repr())
     is_metrics_rank = topology.is_last_pipe_stage and topology.dp_rank == 0 and topology.tp_rank == 0
     with MetricsLogger(config.logger, enabled=is_metrics_rank, run_config=config.to_dict()) as metrics:
+        files = {"tokenizer.json": config.data.tokenizer} if config.data.tokenizer is not None else {}
         trainer = Trainer(
-            config.trainer, TrainingContext(config, topology), module, optimizer, train_data, validation, metrics, rng
+            config.trainer,
+            TrainingContext(config, topology),
+            module,
+            optimizer,
+            train_data,
+            validation,
+            metrics,
+            rng,
+            checkpoint_files=files,
         )
         trainer.run()
     return trainer
@@ -120,6 +129,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "scaling train") -> int:
             )
             return launch(runner, config.topology.n_ranks)
         train(config)
+        shutdown_distributed()
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

@@ -95,12 +95,14 @@ def save_checkpoint(
     rank_state: Mapping[str, torch.Tensor] | None = None,
     keep_last: int | None = None,
     weights: Literal["all", "trainable"] = "all",
+    files: Mapping[str, str | Path] | None = None,
 ) -> Path:
     """Write ``global_step{step}`` under ``save_dir``; collective (every rank calls it).
 
     ``weights="trainable"`` stores only parameters that require grad: a finetuning run (LoRA, BitFit,
     adapters) saves just its adapter weights, to be loaded on top of the base checkpoint. Refuses to
-    overwrite an existing ``global_step{step}``: nothing already saved is touched.
+    overwrite an existing ``global_step{step}``: nothing already saved is touched. ``files``: name in
+    the checkpoint -> file to copy there (a tokenizer, so the checkpoint generates on its own).
     """
     save_dir = Path(save_dir)
     topo = module.topology
@@ -141,6 +143,10 @@ def save_checkpoint(
             "config": dict(config) if config is not None else None,
         }
         write_json(work / MANIFEST, manifest)
+        for name, source in (files or {}).items():
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise CheckpointError(f"checkpoint file name {name!r} must be a plain relative name")
+            shutil.copyfile(source, work / name)
         _commit(save_dir, step, keep_last)
     dist.barrier()
     return final

@@ -4,7 +4,7 @@ from scaling.core.topology.config import ActivationCheckpointingType, PipePartit
 from scaling.core.topology.device import DeviceChoice, choose_device
 from scaling.core.topology.rank_math import Coord, ParallelSizes, coord_of, rank_of
 from scaling.core.topology.rng import RngTracker, seed_for
-from scaling.core.topology.topology import Topology, init_distributed
+from scaling.core.topology.topology import Topology, init_distributed, shutdown_distributed
 
 __all__ = [
     "ActivationCheckpointingType",
@@ -20,4 +20,5 @@ __all__ = [
     "init_distributed",
     "rank_of",
     "seed_for",
+    "shutdown_distributed",
 ]

@@ -27,7 +27,7 @@ from scaling.core.topology.rank_math import (
     tensor_parallel_groups,
 )
 
-__all__ = ["Topology", "init_distributed"]
+__all__ = ["Topology", "init_distributed", "shutdown_distributed"]
 
 
 class Topology:
@@ -169,3 +169,15 @@ def init_distributed(config: TopologyConfig, *, timeout_s: float = 600.0) -> Top
             store = dist.HashStore()  # type: ignore[attr-defined]
             dist.init_process_group(choice.backend, store=store, rank=0, world_size=1, timeout=timeout)
     return Topology(config, device=device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the world cleanly: wait for every rank, then tear the process groups down.
+
+    A rank that exits while its gloo groups are alive (other ranks still finishing a collective, or
+    the interpreter destroying groups in arbitrary order) can abort in the groups' worker threads
+    ("terminate called without an active exception"), failing a run that had finished its work.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

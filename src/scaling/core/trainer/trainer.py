@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from pathlib import Path
 from collections.abc import Mapping
 from types import FrameType
 from typing import Any
@@ -49,6 +50,7 @@ class Trainer:
         eval_data: DistributedDataLoader | None = None,
         metrics: MetricsLogger | None = None,
         rng_tracker: RngTracker | None = None,
+        checkpoint_files: Mapping[str, str | Path] | None = None,
     ) -> None:
         self.config = config
         self.context = context
@@ -57,6 +59,7 @@ class Trainer:
         self.train_data = train_data
         self.eval_data = eval_data
         self.rng_tracker = rng_tracker
+        self.checkpoint_files = dict(checkpoint_files or {})  # copied into every checkpoint (a tokenizer)
         topo = context.topology
         self.is_logging_rank = topo.is_last_pipe_stage and topo.dp_rank == 0 and topo.tp_rank == 0
         self.metrics = metrics
@@ -84,6 +87,7 @@ class Trainer:
             config=self.context.config.to_dict(),
             rank_state=self._rank_state(),
             keep_last=self.config.keep_last_n_checkpoints,
+            files=self.checkpoint_files,
         )
         _logger.info("saved checkpoint of step %d to %s", self.context.step, self.config.save_dir)
 
