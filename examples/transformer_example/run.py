@@ -3,7 +3,8 @@
 1. corpus: the Python standard library's ``.py`` sources on this machine (found via ``sysconfig``);
 2. tokenizer: a byte-level BPE with the config's vocabulary size, trained on that corpus by ``tokenizers``;
 3. data: the corpus tokenised into the memory-mapped format (``prepare_data``, what ``scaling prepare-data`` runs);
-4. training: ``scaling train config.yml`` on the config's topology (2 processes by default).
+4. training: ``scaling train config.yml`` on the config's topology (2 processes by default);
+5. generation: ``scaling generate`` continues a prompt with the checkpoint just written (KV cache, greedy).
 
 Steps 1-3 are cached in ``examples/transformer_example/output``; the loss at the start and the end is
 printed from the metrics file.
@@ -22,10 +23,12 @@ from scaling.core.config import ConfigError
 from scaling.transformer.config import TransformerConfig
 from scaling.transformer.data.prepare import prepare_data
 from scaling.transformer.data.tokenizer import Tokenizer
+from scaling.transformer.inference.cli import main as generate_main
 from scaling.transformer.train import main as train_main
 
 CONFIG = Path(__file__).with_name("config.yml")
 MAX_CORPUS_BYTES = 6_000_000  # enough text for the default run, small enough to prepare in seconds
+PROMPT = "def __init__(self"
 
 
 def corpus_files() -> list[Path]:
@@ -103,7 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = f" (loss {previous[0]:.3f} -> {previous[-1]:.3f})" if previous else ""
         steps = config.trainer.train_iterations
         print(f"already trained to step {steps}{summary}; delete {config.trainer.save_dir} to train again")
-    return 0
+    if config.trainer.save_dir is None:
+        return 0
+    print(f"generating from {config.trainer.save_dir}:")
+    return generate_main(
+        [str(config.trainer.save_dir), "--prompt", PROMPT, "--max-new-tokens", "48", "--device", "cpu"]
+    )
 
 
 if __name__ == "__main__":

@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     prepare.set_defaults(handler=_prepare_data, delegate=True)
+
+    generate = commands.add_parser(
+        "generate",
+        help="Continue prompts with a trained checkpoint (KV-cache generation).",
+        description="Run `scaling generate --help` for the options.",
+        add_help=False,
+    )
+    generate.set_defaults(handler=_generate, delegate=True)
     return parser
 
 
@@ -100,6 +108,12 @@ def _prepare_data(args: argparse.Namespace) -> int:
     from scaling.transformer.data.prepare import main as prepare_main
 
     return prepare_main(list(args.rest))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from scaling.transformer.inference.cli import main as generate_main
+
+    return generate_main(list(args.rest))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from types import FrameType
 from typing import Any
 

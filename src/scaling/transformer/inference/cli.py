@@ -1,0 +1,110 @@
+"""``scaling generate CHECKPOINT_DIR --prompt TEXT ...``: print the model's continuation of each prompt.
+
+Each prompt is printed followed by its continuation. With one prompt (and no stop strings) the text
+streams to stdout as it is generated; with several, each is printed when the batch is done, under a
+header naming its prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from scaling.core.checkpoint import CheckpointError
+from scaling.core.config import ConfigError
+from scaling.transformer.data.tokenizer import Tokenizer, TokenizerError
+
+__all__ = ["main"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Continue prompts with a trained checkpoint.")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="A save dir (uses 'latest') or a global_step dir.")
+    parser.add_argument("--prompt", action="append", required=True, help="Text to continue (repeat for a batch).")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="Tokens to generate at most (default 64).")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random.")
+    parser.add_argument("--top-k", type=int, default=0, help="Sample among the k most likely tokens (0 = all).")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Sample among tokens holding this probability mass.")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens.")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="Stop at this text (repeatable).")
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (default 0).")
+    parser.add_argument("--adapters", metavar="DIR", help="Adapter checkpoint (LoRA etc.) to load on top.")
+    parser.add_argument("--tokenizer", metavar="TOKENIZER_JSON", help="Tokenizer when the checkpoint has none.")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="Where to run.")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="Weights dtype (default float32).")
+    parser.add_argument("--no-cache", action="store_true", help="Recompute every step (slow; for comparison).")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "scaling generate") -> int:
+    args = build_parser(prog).parse_args(argv)
+    from scaling.transformer.inference.decoder import InferenceModel
+    from scaling.transformer.inference.generation import GenerationConfig, generate
+    from scaling.transformer.inference.loading import inference_topology, load_model
+
+    try:
+        config = GenerationConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty, stop_strings=args.stop, seed=args.seed,
+            use_cache=not args.no_cache,
+        )  # fmt: skip
+        loaded = load_model(
+            args.checkpoint, adapters=args.adapters, topology=inference_topology(device=args.device),
+            dtype=_DTYPES[args.dtype],
+        )  # fmt: skip
+        if args.tokenizer is not None:
+            loaded.tokenizer = Tokenizer.from_file(args.tokenizer)
+        tokenizer = loaded.tokenizer
+        if tokenizer is None:
+            raise TokenizerError(f"{loaded.checkpoint} holds no tokenizer.json: pass --tokenizer TOKENIZER_JSON")
+        if tokenizer.eos_id is not None:
+            config = config.model_copy(update={"stop_tokens": [tokenizer.eos_id]})
+        model = InferenceModel(loaded)
+        prompts = tokenizer.encode_batch(args.prompt)
+        for text, ids in zip(args.prompt, prompts, strict=True):
+            if not ids:
+                raise ValueError(f"prompt {text!r} encodes to no tokens")
+        # Streaming would show a stop string before it is known to be one: stream only without them.
+        streamer = _Streamer(tokenizer, args.prompt[0]) if len(prompts) == 1 and not args.stop else None
+        completions = generate(model, prompts, config, on_token=streamer)
+    except (CheckpointError, ConfigError, TokenizerError, ValueError, FileNotFoundError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    if streamer is not None:
+        streamer.finish(completions[0].text or "")
+        return 0
+    for text, completion in zip(args.prompt, completions, strict=True):
+        print(f"=== {text!r} ({len(completion.tokens)} tokens, {completion.finish_reason})")
+        print(text + (completion.text or ""))
+    return 0
+
+
+class _Streamer:
+    """Prints the prompt's continuation as tokens arrive (text re-decoded so multi-byte tokens print whole)."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: str) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.printed = ""
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+
+    def __call__(self, row: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.printed) :])
+            sys.stdout.flush()
+            self.printed = text
+
+    def finish(self, final: str) -> None:
+        """The final text may be shorter (a stop string is cut): print what is missing, then a newline."""
+        if final.startswith(self.printed):
+            sys.stdout.write(final[len(self.printed) :])
+        sys.stdout.write("\n")
+        sys.stdout.flush()

@@ -1,0 +1,172 @@
+"""Load a checkpoint written on any training layout into one process, or into tensor-parallel inference ranks.
+
+Checkpoints store full-size tensors per layer (see :mod:`scaling.core.checkpoint`), so inference builds
+the model for *its* layout (one process, or ``tp`` ranks with no pipeline) and the ordinary loader slices
+the weights. The architecture comes from the checkpoint's manifest; an adapter checkpoint (LoRA, BitFit,
+bottleneck adapters, soft prompts, saved with ``weights="trainable"``) loads on top of its base, and LoRA
+is merged into the base weights so generation pays nothing for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from scaling.core.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from scaling.core.checkpoint.files import read_json
+from scaling.core.checkpoint.layout import MANIFEST, model_layer_file
+from scaling.core.pipeline.module import ParallelModule
+from scaling.core.topology import Topology, TopologyConfig, init_distributed
+from scaling.transformer.data.tokenizer import Tokenizer
+from scaling.transformer.finetuning.apply import finetuning_adapter
+from scaling.transformer.finetuning.config import FinetuningConfig
+from scaling.transformer.finetuning.lora import merge_lora
+from scaling.transformer.model.config import TransformerArchitectureConfig
+from scaling.transformer.model.layers import LanguageModelLoss, transformer_layer_specs
+
+__all__ = ["LoadedModel", "architecture_of", "inference_topology", "load_model"]
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class LoadedModel:
+    """This rank's layers of a trained model, ready for inference (eval mode, no gradients)."""
+
+    module: ParallelModule
+    architecture: TransformerArchitectureConfig
+    finetuning: FinetuningConfig | None
+    tokenizer: Tokenizer | None
+    checkpoint: Path
+
+
+def _run_config(checkpoint: Path) -> dict[str, Any]:
+    manifest = read_json(checkpoint / MANIFEST)
+    config = manifest.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), dict):
+        raise CheckpointError(
+            f"{checkpoint / MANIFEST} records no model architecture (config.architecture); "
+            "it was not written by a scaling transformer run"
+        )
+    return config
+
+
+def architecture_of(checkpoint: Path) -> TransformerArchitectureConfig:
+    """The architecture a checkpoint was trained with, with the kernel set to SDPA for inference.
+
+    Dropout is inactive in eval mode, and the cached attention path uses SDPA whatever kernel trained
+    the model, so a flash-attn checkpoint also loads on a machine without flash-attn.
+    """
+    raw = dict(_run_config(checkpoint)["architecture"])
+    raw["attention_kernel"] = "torch"
+    raw["document_masking"] = False
+    return TransformerArchitectureConfig.from_dict(raw)
+
+
+def _finetuning_of(checkpoint: Path) -> FinetuningConfig | None:
+    raw = _run_config(checkpoint).get("finetuning")
+    return FinetuningConfig.from_dict(raw) if raw else None
+
+
+def inference_topology(tensor_parallel: int | None = None, device: str = "auto") -> Topology:
+    """A topology of ``tensor_parallel`` ranks (default: every rank of the world) and no pipeline.
+
+    Without a launched world this process becomes a world of one.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tp = tensor_parallel or world
+    if world != tp:
+        raise ValueError(f"inference runs on tensor-parallel ranks only: {world} processes for tp={tp}")
+    config = TopologyConfig.from_dict(
+        {"model_parallel_size": tp, "world_size": tp, "micro_batch_size": 1, "global_batch_size": 1,
+         "device": device}
+    )  # fmt: skip
+    if not dist.is_initialized():
+        return init_distributed(config)
+    return Topology(config, device=_device_for(config))
+
+
+def _device_for(config: TopologyConfig) -> torch.device | None:
+    if config.device == "cpu":
+        return torch.device("cpu")
+    return None
+
+
+def _load_tokenizer(checkpoint: Path, config: dict[str, Any]) -> Tokenizer | None:
+    candidates = [checkpoint / TOKENIZER_FILE]
+    data = config.get("data")
+    if isinstance(data, dict) and data.get("tokenizer"):
+        candidates.append(Path(data["tokenizer"]))
+    for path in candidates:
+        if path.is_file():
+            return Tokenizer.from_file(path)
+    return None
+
+
+def load_model(
+    checkpoint: str | Path,
+    *,
+    adapters: str | Path | None = None,
+    topology: Topology | None = None,
+    dtype: torch.dtype = torch.float32,
+    merge: bool = True,
+) -> LoadedModel:
+    """Build the checkpoint's model for ``topology`` (default: :func:`inference_topology`) and load it.
+
+    ``adapters``: a checkpoint holding only finetuned weights (LoRA, BitFit, adapters, soft prompt),
+    loaded on top of ``checkpoint``; its manifest says which finetuning built it. ``merge`` folds LoRA
+    into the base weights. Collective over the tensor-parallel ranks.
+    """
+    base = find_checkpoint(checkpoint)
+    architecture = architecture_of(base)
+    adapter_dir = find_checkpoint(adapters) if adapters is not None else None
+    finetuning = _finetuning_of(adapter_dir if adapter_dir is not None else base)
+    if adapter_dir is not None and finetuning is None:
+        raise CheckpointError(f"{adapter_dir} records no finetuning config: it is not an adapter checkpoint")
+    topology = topology or inference_topology()
+    if topology.pp_size != 1 or topology.dp_size != 1:
+        raise ValueError(
+            f"inference needs a tensor-parallel-only topology, got pp={topology.pp_size}, dp={topology.dp_size}"
+        )
+    module = ParallelModule(
+        transformer_layer_specs(architecture, topology),
+        topology,
+        LanguageModelLoss(topology),
+        adapt=finetuning_adapter(finetuning, topology) if finetuning is not None else None,
+    )
+    # A full checkpoint of a finetuned model holds its adapter weights; a base checkpoint under an adapter
+    # checkpoint does not, and the adapter checkpoint then fills them in (and must hold every one).
+    load_checkpoint(base, module, missing="keep_initialised" if adapter_dir is not None else "error")
+    if adapter_dir is not None:
+        _load_adapters(adapter_dir, module)
+    if merge:
+        merge_lora(module)
+    module.to(dtype=dtype)
+    module.eval()
+    module.requires_grad_(False)
+    tokenizer = _load_tokenizer(base, _run_config(base))
+    if tokenizer is None and adapter_dir is not None:
+        tokenizer = _load_tokenizer(adapter_dir, _run_config(adapter_dir))
+    return LoadedModel(module, architecture, finetuning, tokenizer, base)
+
+
+def _load_adapters(adapter_dir: Path, module: ParallelModule) -> None:
+    """Load the adapter checkpoint's tensors, insisting that every trainable parameter is among them."""
+    load_checkpoint(adapter_dir, module, missing="keep_initialised")
+    stored: set[str] = set()
+    for layer in sorted({int(name.split(".")[1]) for name, _ in module.named_parameters_canonical()}):
+        path = model_layer_file(adapter_dir, layer)
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as handle:
+                stored |= {f"layers.{layer}.{key}" for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    missing = [name for name, p in module.named_parameters_canonical() if p.requires_grad and name not in stored]
+    if missing:
+        raise CheckpointError(
+            f"adapter checkpoint {adapter_dir} lacks trained parameters {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}: was it saved by the same finetuning config?"
+        )
