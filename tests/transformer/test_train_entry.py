@@ -100,3 +100,20 @@ def test_scaling_train_launches_two_processes_and_the_loss_falls(tmp_path: Path)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
     assert (tmp_path / "ckpt" / "latest").read_text() == "global_step12"
+
+    # LoRA finetuning of that checkpoint through the same command: the base weights load, the LoRA factors
+    # (absent from the base) keep their initialisation, and only they train.
+    from safetensors.torch import load_file
+
+    tuned = tmp_path / "lora"
+    result = subprocess.run(
+        [str(scaling), "train", str(config), "-o", f"trainer.load_dir={tmp_path / 'ckpt'}", "-o", "trainer.load=weights",
+         "-o", "trainer.load_missing_weights=keep_initialised", "-o", f"trainer.save_dir={tuned}",
+         "-o", "trainer.train_iterations=3", "-o", "finetuning.lora.rank=4"],
+        cwd=REPO, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = load_file(tmp_path / "ckpt" / "global_step12" / "model" / "layer_00001.safetensors")
+    after = load_file(tuned / "global_step3" / "model" / "layer_00001.safetensors")
+    assert all(torch.equal(after[name], tensor) for name, tensor in base.items())  # frozen base weights
+    assert after["attention.query.lora_b"].abs().sum() > 0  # LoRA B starts at zero and has trained

@@ -34,6 +34,11 @@ class TrainerConfig(BaseConfig):
         description="What to restore: 'weights' (finetuning: step and data start at 0), 'weights_and_optimizer', "
         "or 'everything' (also step, data position and RNG states: an exact resumption).",
     )
+    load_missing_weights: Literal["error", "keep_initialised"] = Field(
+        "error",
+        description="A model parameter the loaded checkpoint lacks: 'error', or 'keep_initialised' (finetuning a "
+        "base checkpoint with adapters or LoRA, whose weights the base cannot hold).",
+    )
     assert_checkpoint_loaded: bool = Field(
         False, description="Fail when load_dir holds no checkpoint instead of starting from scratch."
     )

@@ -103,7 +103,13 @@ class Trainer:
             _logger.info("no checkpoint in %s yet: starting from scratch", self.config.load_dir)
             return False
         mode = self.config.load
-        info = load_checkpoint(self.config.load_dir, self.module, self.optimizer, load_optimizer=mode != "weights")
+        info = load_checkpoint(
+            self.config.load_dir,
+            self.module,
+            self.optimizer,
+            load_optimizer=mode != "weights",
+            missing=self.config.load_missing_weights,
+        )
         if mode == "everything":
             self.context.step = info.step
             state = info.rank_state
