@@ -107,7 +107,8 @@ def test_scaling_train_launches_two_processes_and_the_loss_falls(tmp_path: Path)
 
     tuned = tmp_path / "lora"
     result = subprocess.run(
-        [str(scaling), "train", str(config), "-o", f"trainer.load_dir={tmp_path / 'ckpt'}", "-o", "trainer.load=weights",
+        [str(scaling), "train", str(config), "-o", f"trainer.load_dir={tmp_path / 'ckpt'}",
+         "-o", "trainer.load=weights",
          "-o", "trainer.load_missing_weights=keep_initialised", "-o", f"trainer.save_dir={tuned}",
          "-o", "trainer.train_iterations=3", "-o", "finetuning.lora.rank=4"],
         cwd=REPO, capture_output=True, text=True, timeout=280,
