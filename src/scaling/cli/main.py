@@ -73,7 +73,42 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     generate.set_defaults(handler=_generate, delegate=True)
+    _add_convert_parser(commands)
     return parser
+
+
+def _add_convert_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="Convert between Hugging Face (Llama family) folders and scaling checkpoints.",
+        description="Convert between Hugging Face (Llama family) folders and scaling checkpoints.",
+    )
+    convert_commands = convert.add_subparsers(dest="convert_command", metavar="SUBCOMMAND", required=True)
+    dtypes = ["float32", "bfloat16", "float16"]
+    from_hf = convert_commands.add_parser(
+        "from-hf",
+        help="Hugging Face Llama/Mistral folder -> scaling checkpoint.",
+        description="Convert a Hugging Face Llama or Mistral folder (config.json + safetensors) into a scaling "
+        "checkpoint at OUT_DIR (global_step0, with the tokenizer), plus finetune.yml, a training config to edit.",
+    )
+    from_hf.add_argument("hf_dir", metavar="HF_DIR", help="Folder with config.json and model*.safetensors.")
+    from_hf.add_argument("out_dir", metavar="OUT_DIR", help="Save directory to create (must be absent or empty).")
+    from_hf.add_argument("--dtype", choices=dtypes, help="Weight dtype (default: as stored).")
+    from_hf.set_defaults(handler=_convert_from_hf)
+    to_hf = convert_commands.add_parser(
+        "to-hf",
+        help="scaling checkpoint -> Hugging Face LlamaForCausalLM folder.",
+        description="Export a scaling checkpoint (any training layout; LoRA adapters merged) as a Hugging Face "
+        "LlamaForCausalLM folder, and optionally upload it to the Hub.",
+    )
+    to_hf.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="A global_step dir or a save dir (latest).")
+    to_hf.add_argument("out_dir", metavar="OUT_DIR", help="Folder to create (must be absent or empty).")
+    to_hf.add_argument("--adapters", metavar="DIR", help="Adapter checkpoint (LoRA) to merge into the weights.")
+    to_hf.add_argument("--dtype", choices=dtypes, help="Weight dtype (default: as stored).")
+    to_hf.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="Also upload to this (private) Hub repo; token from HF_TOKEN."
+    )
+    to_hf.set_defaults(handler=_convert_to_hf)
 
 
 def _config_template(args: argparse.Namespace) -> int:
@@ -114,6 +149,38 @@ def _generate(args: argparse.Namespace) -> int:
     from scaling.transformer.inference.cli import main as generate_main
 
     return generate_main(list(args.rest))
+
+
+def _convert_errors() -> tuple[type[Exception], ...]:
+    from scaling.core.checkpoint import CheckpointError
+
+    return (ValueError, CheckpointError, OSError)  # ConversionError and ConfigError are ValueErrors
+
+
+def _convert_from_hf(args: argparse.Namespace) -> int:
+    from scaling.transformer.convert import from_huggingface
+
+    try:
+        path = from_huggingface(args.hf_dir, args.out_dir, dtype=args.dtype)
+    except _convert_errors() as exc:
+        print(f"scaling convert from-hf: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def _convert_to_hf(args: argparse.Namespace) -> int:
+    from scaling.transformer.convert import push_to_hub, save_huggingface
+
+    try:
+        path = save_huggingface(args.checkpoint_dir, args.out_dir, adapters=args.adapters, dtype=args.dtype)
+        print(f"wrote {path}")
+        if args.push_to_hub:
+            print(f"uploaded: {push_to_hub(path, args.push_to_hub)}")
+    except _convert_errors() as exc:
+        print(f"scaling convert to-hf: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
