@@ -3,6 +3,7 @@ crashes never publish half a checkpoint, retention, and clear errors for damaged
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,39 @@ def _crash_then_recover(save_dir: str) -> dict[str, Any]:
     }
 
 
+def _crash_between_rename_and_latest(save_dir: str) -> dict[str, Any]:
+    """The step directory is in place but ``latest`` still names the previous one when the save dies."""
+    from scaling.core.checkpoint import io as checkpoint_io
+    from scaling.core.checkpoint.layout import incomplete_dir, step_dir
+
+    topo = Topology(TopologyConfig())
+    module = ParallelModule(model_specs(topo, 1, 0.0), topo, Loss(topo))
+    save_checkpoint(save_dir, 1, module, None)
+
+    def crash(directory: Path, step: int, keep_last: int | None) -> Path:
+        incomplete_dir(directory, step).rename(step_dir(directory, step))
+        raise RuntimeError("injected crash after the rename, before 'latest' moved")
+
+    original, checkpoint_io._commit = checkpoint_io._commit, crash  # type: ignore[assignment]
+    try:
+        save_checkpoint(save_dir, 2, module, None)
+    except RuntimeError:
+        pass
+    finally:
+        checkpoint_io._commit = original  # type: ignore[assignment]
+    found = find_checkpoint(save_dir).name
+    save_checkpoint(save_dir, 2, module, None)  # the resumed run reaches step 2 again and must save it
+    return {"found": found, "after": sorted(p.name for p in Path(save_dir).iterdir()),
+            "latest": (Path(save_dir) / "latest").read_text()}  # fmt: skip
+
+
+def test_a_crash_after_the_rename_does_not_block_the_resumed_run(tmp_path: Path) -> None:
+    result = run_distributed(_crash_between_rename_and_latest, 1, str(tmp_path))[0]
+    assert result["found"] == "global_step1"  # the loader never sees the unpublished step
+    assert result["latest"] == "global_step2"
+    assert result["after"] == [".global_step2.unpublished", "global_step1", "global_step2", "latest"]  # kept aside
+
+
 def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     result = run_distributed(_crash_then_recover, 1, str(tmp_path))[0]
     assert result["found"] == "global_step1"
@@ -194,7 +228,17 @@ def test_checkpoints_that_do_not_fit_give_named_errors(tmp_path: Path) -> None:
     deeper = run_distributed(_load_into, 1, str(tmp_path), 2, False)[0]
     assert "parameter 'layers.2.norm.weight' is not in the checkpoint" in deeper
     layer_file = tmp_path / "global_step1" / "model" / "layer_00001.safetensors"
-    layer_file.write_bytes(layer_file.read_bytes()[:100])  # truncated
+    original = layer_file.read_bytes()
+    tampered = bytearray(original)
+    tampered[-3] ^= 0xFF  # one flipped byte inside the weights: still a valid safetensors file
+    layer_file.write_bytes(bytes(tampered))
+    changed = run_distributed(_load_into, 1, str(tmp_path), 1, False)[0]
+    assert f"checkpoint file {layer_file} does not match the checksum recorded when it was saved" in changed
+    layer_file.write_bytes(original[:100])  # truncated: the checksum catches it too
+    truncated = run_distributed(_load_into, 1, str(tmp_path), 1, False)[0]
+    assert f"checkpoint file {layer_file} does not match the checksum" in truncated
+    manifest = tmp_path / "global_step1" / "manifest.json"  # a checkpoint without checksums (older writers):
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "checksums": {}}))  # the parser says it
     truncated = run_distributed(_load_into, 1, str(tmp_path), 1, False)[0]
     assert f"checkpoint file {layer_file} is corrupt or truncated" in truncated
     assert "no checkpoint at" in run_distributed(_load_into, 1, str(tmp_path / "nowhere"), 1, False)[0]

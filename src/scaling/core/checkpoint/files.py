@@ -2,11 +2,14 @@
 
 Writes go to a temporary name, are fsynced, then renamed: a reader sees the old file or the new one,
 never half of one. Reads use safetensors (no code execution) and turn any parse failure into one error
-naming the file.
+naming the file. Each tensor file's SHA-256 is returned by the write and checked by the read when the
+caller knows it (the manifest records them), so a file changed after it was written (bit rot, a
+partial copy, an edit) is refused instead of silently loading other weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +19,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "fsync_dir", "read_json", "read_tensors", "write_json", "write_tensors"]
+__all__ = [
+    "CheckpointError",
+    "file_digest",
+    "fsync_dir",
+    "read_json",
+    "read_tensors",
+    "write_json",
+    "write_tensors",
+]
+
+_CHUNK = 16 * 2**20
 
 
 class CheckpointError(RuntimeError):
@@ -41,15 +54,37 @@ def _replace_atomically(path: Path, write: Any) -> None:
     fsync_dir(path.parent)
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (checkpoint files can be far larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file atomically; returns its SHA-256 (hashed while the bytes are in the page cache)."""
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    _replace_atomically(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+    digests: list[str] = []
+
+    def write(tmp: Path) -> None:
+        save_file(cpu, str(tmp), metadata=metadata)
+        digests.append(file_digest(tmp))
+
+    _replace_atomically(path, write)
+    return digests[0]
 
 
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tensors(path: Path, expected_digest: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a safetensors file; a damaged file raises ``CheckpointError``."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing")
+    if expected_digest is not None and file_digest(path) != expected_digest:
+        raise CheckpointError(
+            f"checkpoint file {path} does not match the checksum recorded when it was saved: "
+            "it was modified or damaged afterwards"
+        )
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:

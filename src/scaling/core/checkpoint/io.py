@@ -38,6 +38,7 @@ from scaling.core.checkpoint.layout import (
     step_dir,
     step_of,
 )
+from scaling.core.logging import get_logger
 from scaling.core.nn.param_meta import get_param_meta, shard
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
@@ -45,6 +46,8 @@ from scaling.core.pipeline.module import ParallelModule
 __all__ = ["CheckpointInfo", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 FORMAT_VERSION = 1
+
+_logger = get_logger("scaling.checkpoint")
 
 
 @dataclass
@@ -85,6 +88,38 @@ def _commit(save_dir: Path, step: int, keep_last: int | None) -> Path:
     return final
 
 
+def _published_step(save_dir: Path) -> int | None:
+    latest = save_dir / LATEST
+    if not latest.is_file():
+        return None
+    return step_of(Path(latest.read_text(encoding="utf-8").strip()))
+
+
+def _is_unpublished(save_dir: Path, step: int) -> bool:
+    """Whether ``global_step{step}`` was renamed into place by a save that crashed before ``latest`` moved.
+
+    Such a directory is newer than the published checkpoint; the resumed run reaches the same step
+    again and must be able to save it.
+    """
+    published = _published_step(save_dir)
+    return published is None or step > published
+
+
+def _set_aside(save_dir: Path, step: int) -> None:
+    """Keep an unpublished checkpoint under a hidden name (nothing saved is deleted) so the step can be saved."""
+    aside = save_dir / f".global_step{step}.unpublished"
+    if aside.exists():
+        shutil.rmtree(aside)
+    step_dir(save_dir, step).rename(aside)
+    fsync_dir(save_dir)
+    _logger.warning(
+        "%s was never published (a save crashed before '%s' moved); kept as %s",
+        step_dir(save_dir, step),
+        LATEST,
+        aside.name,
+    )
+
+
 def save_checkpoint(
     save_dir: str | Path,
     step: int,
@@ -107,27 +142,33 @@ def save_checkpoint(
     save_dir = Path(save_dir)
     topo = module.topology
     final, work = step_dir(save_dir, step), incomplete_dir(save_dir, step)
-    if final.exists():
+    unpublished = final.exists() and _is_unpublished(save_dir, step)
+    if final.exists() and not unpublished:
         raise CheckpointError(f"{final} already exists; refusing to overwrite a saved checkpoint")
     if topo.global_rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         if work.exists():  # left by a save that crashed: never published, safe to discard
             shutil.rmtree(work)
+        if unpublished and final.exists():
+            _set_aside(save_dir, step)
         work.mkdir()
     dist.barrier()
 
+    digests: dict[str, str] = {}
     saved = [p for p in module.parameters() if weights == "all" or p.requires_grad]
-    _save_per_layer(work, module, {id(p): {"": p.detach()} for p in saved}, model_layer_file)
+    digests |= _save_per_layer(work, module, {id(p): {"": p.detach()} for p in saved}, model_layer_file)
     if optimizer is not None:
         states = optimizer.parameter_states()  # collective over dp when sharded
         steps = optimizer.steps_taken()
         slot_of = {name: slot.key for slot in optimizer.slots for name in slot.names}
         optimizer_tensors = {pid: {f".{k}": v for k, v in state.items()} for pid, state in states.items()}
         steps_of = {name: str(steps[key]) for name, key in slot_of.items()}
-        _save_per_layer(work, module, optimizer_tensors, optimizer_layer_file, extra=steps_of)
+        digests |= _save_per_layer(work, module, optimizer_tensors, optimizer_layer_file, extra=steps_of)
     if rank_state:
-        write_tensors(rank_state_file(work, topo.global_rank), dict(rank_state))
-    dist.barrier()
+        state_file = rank_state_file(work, topo.global_rank)
+        digests[state_file.relative_to(work).as_posix()] = write_tensors(state_file, dict(rank_state))
+    every_rank: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, digests)  # also the barrier: every rank has written its files
     if topo.global_rank == 0:
         manifest = {
             "version": FORMAT_VERSION,
@@ -141,6 +182,7 @@ def save_checkpoint(
                 "loss_scaler": optimizer.scaler.state_dict() if optimizer.scaler else None,
             },
             "config": dict(config) if config is not None else None,
+            "checksums": {name: digest for part in every_rank for name, digest in (part or {}).items()},
         }
         write_json(work / MANIFEST, manifest)
         for name, source in (files or {}).items():
@@ -158,12 +200,13 @@ def _save_per_layer(
     tensors_of: dict[int, dict[str, torch.Tensor]],
     file_of: Any,
     extra: dict[str, str] | None = None,
-) -> None:
+) -> dict[str, str]:
     """Write, per layer, the full-size tensors ``tensors_of[id(param)]`` (suffix -> this rank's slice).
 
     Tensor-parallel slices are all-gathered over the first data-parallel replica's tp group; its tp rank
     0 writes. Tied copies are written once, by their first stage. ``extra``: per canonical parameter name,
-    a string stored in the file's metadata (the optimizer's step count).
+    a string stored in the file's metadata (the optimizer's step count). Returns the SHA-256 of each
+    file this rank wrote, by its path inside the checkpoint.
     """
     topo = module.topology
     by_layer: dict[int, dict[str, torch.Tensor]] = {}
@@ -185,9 +228,12 @@ def _save_per_layer(
             entry["step"] = int(extra[name])
         meta.setdefault(layer, {})[key] = json.dumps(entry)
     if topo.dp_rank != 0 or topo.tp_rank != 0:
-        return
+        return {}
+    digests = {}
     for layer, tensors in by_layer.items():
-        write_tensors(file_of(work, layer), tensors, meta[layer])
+        path = file_of(work, layer)
+        digests[path.relative_to(work).as_posix()] = write_tensors(path, tensors, meta[layer])
+    return digests
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -212,7 +258,7 @@ def load_checkpoint(
     load_optimizer: bool = True,
     missing: Literal["error", "keep_initialised"] = "error",
 ) -> CheckpointInfo:
-    """Load weights (onto any layout) and, if asked, the optimizer (same tp and pp, any dp).
+    """Load weights and, if asked, the optimizer state onto any (tp, pp, dp) layout.
 
     ``missing``: what to do with a parameter of the model that the checkpoint lacks (e.g. an adapter
     added for finetuning): fail, or keep its initial value. Collective.
@@ -221,18 +267,19 @@ def load_checkpoint(
     manifest = read_json(checkpoint / MANIFEST)
     if manifest.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{checkpoint / MANIFEST}: format version {manifest.get('version')} is not supported")
-    _load_model(checkpoint, module, missing)
+    checksums: dict[str, str] = manifest.get("checksums") or {}  # absent in checkpoints of older versions
+    _load_model(checkpoint, module, missing, checksums)
     info = CheckpointInfo(checkpoint, int(manifest["step"]), manifest)
     if optimizer is not None:
         if load_optimizer:
-            _load_optimizer(checkpoint, manifest, module, optimizer)
+            _load_optimizer(checkpoint, manifest, module, optimizer, checksums)
             info.optimizer_loaded = True
         else:
             for shard_ in optimizer.shards:
                 shard_.load_from_params()
     state = rank_state_file(checkpoint, module.topology.global_rank)
     if state.is_file():
-        info.rank_state = read_tensors(state)[0]
+        info.rank_state = read_tensors(state, checksums.get(state.relative_to(checkpoint).as_posix()))[0]
     dist.barrier()
     return info
 
@@ -245,13 +292,17 @@ def _read_full(
     suffix: str,
     file_of: Any,
     cache: dict[Path, tuple[dict[str, torch.Tensor], dict[str, str]]],
+    checksums: dict[str, str],
 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """This rank's slice of the stored full tensor ``name + suffix``, and the parameter's metadata."""
     topo = module.topology
     layer, key = _layer_and_key(name)
     path = file_of(checkpoint, layer)
     if path not in cache:
-        cache[path] = read_tensors(path) if path.is_file() else ({}, {})
+        digest = checksums.get(path.relative_to(checkpoint).as_posix())
+        if not path.is_file() and digest is not None:
+            raise CheckpointError(f"checkpoint file {path} is missing (the manifest lists it)")
+        cache[path] = read_tensors(path, digest) if path.is_file() else ({}, {})
     tensors, metadata = cache[path]
     full = tensors.get(key + suffix)
     if full is None:
@@ -268,10 +319,10 @@ def _read_full(
     return local, json.loads(metadata.get(key, "{}"))
 
 
-def _load_model(checkpoint: Path, module: ParallelModule, missing: str) -> None:
+def _load_model(checkpoint: Path, module: ParallelModule, missing: str, checksums: dict[str, str]) -> None:
     cache: dict[Path, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
     for name, p in module.named_parameters_canonical():
-        local, _ = _read_full(checkpoint, module, name, p, "", model_layer_file, cache)
+        local, _ = _read_full(checkpoint, module, name, p, "", model_layer_file, cache, checksums)
         if local is None:
             if missing == "keep_initialised":
                 continue
@@ -284,7 +335,9 @@ def _load_model(checkpoint: Path, module: ParallelModule, missing: str) -> None:
             p.copy_(local.to(dtype=p.dtype, device=p.device))
 
 
-def _load_optimizer(checkpoint: Path, manifest: dict[str, Any], module: ParallelModule, optimizer: Optimizer) -> None:
+def _load_optimizer(
+    checkpoint: Path, manifest: dict[str, Any], module: ParallelModule, optimizer: Optimizer, checksums: dict[str, str]
+) -> None:
     if manifest.get("optimizer") is None:
         raise CheckpointError(f"{checkpoint} has no optimizer state; load with load_optimizer=False")
     cache: dict[Path, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
@@ -296,7 +349,7 @@ def _load_optimizer(checkpoint: Path, manifest: dict[str, Any], module: Parallel
             continue  # frozen
         entry: dict[str, torch.Tensor] = {}
         for stat in ("master", "exp_avg", "exp_avg_sq"):
-            local, meta = _read_full(checkpoint, module, name, p, f".{stat}", optimizer_layer_file, cache)
+            local, meta = _read_full(checkpoint, module, name, p, f".{stat}", optimizer_layer_file, cache, checksums)
             if local is None:
                 raise CheckpointError(
                     f"optimizer state of {name!r} ({stat}) is not in {checkpoint}; resume with load_optimizer=False"
