@@ -1,15 +1,19 @@
 """A tiny Llama-style model (GQA, tied embeddings, SwiGLU, RoPE, RMSNorm) gives the single-process loss and
 gradients on every layout, including kv heads fewer than tp ranks, sequence parallelism, interleaving and
-activation checkpointing."""
+activation checkpointing. A second architecture with every other option on (LayerNorm with bias, GELU MLP,
+explicit head_dim, derived MLP width, partial RoPE, projection biases, all four dropouts, untied head) does
+the same on a few layouts: a mismatch there points at an option's tensor-parallel split or at dropout masks
+that depend on the layout."""
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import pytest
 import torch
 
-from scaling.core.nn import get_param_meta, unshard
+from scaling.core.nn import get_param_meta, shard, unshard
 from scaling.core.nn.dropout import DropoutKey, dropout_key
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.testing import run_distributed
@@ -22,6 +26,30 @@ ARCH = {
     "vocab_size": 50, "vocab_multiple": 8, "hidden_size": 16, "num_layers": 2, "num_attention_heads": 4,
     "num_kv_heads": 2, "intermediate_size": 32, "weight_tying": True, "sequence_length": SEQ,
 }  # fmt: skip
+FULL_ARCH = {
+    "vocab_size": 50, "vocab_multiple": 8, "hidden_size": 16, "num_layers": 2, "num_attention_heads": 4,
+    "num_kv_heads": 2, "head_dim": 8, "mlp_factor": 3.0, "rotary_fraction": 0.5, "norm_type": "layer",
+    "norm_bias": True, "mlp_type": "gelu", "attention_bias": True, "mlp_bias": True, "embedding_dropout": 0.1,
+    "attention_dropout": 0.1, "attention_output_dropout": 0.1, "mlp_dropout": 0.1, "sequence_length": SEQ,
+}  # fmt: skip
+
+
+def _perturb(named: list[tuple[str, torch.nn.Parameter]], tp_rank: int, tp_size: int) -> None:
+    """Add seeded noise (seeded by the name, the same on every layout) to the decoder and norm parameters:
+    biases leave zero, norm weights leave one, and attention scores get large enough that the query and
+    RoPE gradients stand well above the tolerance. A bias added on every tp rank or a slice taken from the
+    wrong rank then changes the loss and gradients. The (possibly tied) embedding and head weights stay."""
+    with torch.no_grad():
+        for name, p in named:
+            if not any(part in name for part in ("attention", "mlp", "norm")):
+                continue
+            split = get_param_meta(p).tp_split_dim
+            full_shape = list(p.shape)
+            if split is not None:
+                full_shape[split] *= tp_size
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            full = 0.2 * torch.randn(full_shape, generator=g)
+            p.add_(full if split is None else shard(full, split, tp_rank, tp_size))
 
 
 def _batches(n: int) -> list[dict[str, torch.Tensor]]:
@@ -39,7 +67,11 @@ def _reference(arch: dict[str, Any], n_total: int) -> dict[str, Any]:
     topo = Topology(TopologyConfig())
     config = TransformerArchitectureConfig.from_dict(arch)
     layers = torch.nn.ModuleList(spec.build() for spec in transformer_layer_specs(config, topo, seed=5))
-    layers[-1].weight = layers[0].weight
+    if config.weight_tying:
+        layers[-1].weight = layers[0].weight
+    _perturb(
+        [(f"layers.{i}.{name}", p) for i, layer in enumerate(layers) for name, p in layer.named_parameters()], 0, 1
+    )
     loss_fn = LanguageModelLoss(topo)
     losses = []
     for micro, batch in enumerate(_batches(n_total)):
@@ -61,6 +93,8 @@ def _parallel(arch: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any]:
     topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=N_MICRO, micro_batch_size=MICRO))
     config = TransformerArchitectureConfig.from_dict(arch)
     module = ParallelModule(transformer_layer_specs(config, topo, seed=5), topo, LanguageModelLoss(topo))
+    named = [(f"layers.{i}.{name}", p) for i in module.layers for name, p in module.layers[i].named_parameters()]
+    _perturb(named, topo.tp_rank, topo.tp_size)
     mine = _batches(N_MICRO * topo.dp_size)[topo.dp_rank * N_MICRO : (topo.dp_rank + 1) * N_MICRO]
     result = module.train_step(mine)
     grads = {}
@@ -81,12 +115,13 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda c: "-".join(f"{k.split('_')[0]}{v}" for k, v in c.items()))
-def test_transformer_layouts_match_one_process(layout: dict[str, Any]) -> None:
+def _layout_id(layout: dict[str, Any]) -> str:
+    return "-".join(f"{k.split('_')[0]}{v}" for k, v in layout.items())
+
+
+def _check_layout_matches_one_process(arch: dict[str, Any], layout: dict[str, Any]) -> None:
     tp, dp = layout.get("model_parallel_size", 1), layout.get("data_parallel_size", 1)
     world = tp * layout.get("pipe_parallel_size", 1) * dp
-    arch = dict(ARCH)
     results = run_distributed(_parallel, world, arch, layout, timeout_s=200)
     expected = run_distributed(_reference, 1, arch, N_MICRO * dp, timeout_s=100)[0]
     shards: dict[str, dict[int, tuple[torch.Tensor, int | None]]] = {}
@@ -100,6 +135,25 @@ def test_transformer_layouts_match_one_process(layout: dict[str, Any]) -> None:
         split = by_rank[0][1]
         full = by_rank[0][0] if split is None else unshard([by_rank[t][0] for t in range(tp)], split)
         torch.testing.assert_close(full, expected["grads"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
+def test_transformer_layouts_match_one_process(layout: dict[str, Any]) -> None:
+    _check_layout_matches_one_process(dict(ARCH), layout)
+
+
+FULL_ARCH_LAYOUTS = [
+    {"model_parallel_size": 2},
+    {"pipe_parallel_size": 2, "activation_checkpointing_type": "every_layer"},
+    {"model_parallel_size": 2, "pipe_parallel_size": 2, "data_parallel_size": 2, "sequence_parallel": True},
+]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", FULL_ARCH_LAYOUTS, ids=_layout_id)
+def test_full_featured_architecture_layouts_match_one_process(layout: dict[str, Any]) -> None:
+    _check_layout_matches_one_process(dict(FULL_ARCH), layout)
 
 
 def _uneven_batches(n: int) -> list[dict[str, torch.Tensor]]:
