@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from examples.mlp_example.config import MLPConfig
+from examples.mlp_example.context import MLPContext
 from examples.mlp_example.data import Digits
 from examples.mlp_example.model import ClassificationLoss, layer_specs, model_input
 from scaling.core.data import DistributedDataLoader
@@ -12,7 +13,7 @@ from scaling.core.logging import MetricsLogger, configure_logging
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.topology import RngTracker, init_distributed
-from scaling.core.trainer import Trainer, TrainingContext
+from scaling.core.trainer import Trainer
 
 
 def train(config: MLPConfig) -> dict[str, float]:
@@ -35,11 +36,12 @@ def train(config: MLPConfig) -> dict[str, float]:
     optimizer = Optimizer(module, config.optimizer)
     train_data = DistributedDataLoader(Digits("train"), topology, seed=seed)
     test_data = DistributedDataLoader(Digits("test"), topology, shuffle=False)
-    is_logger = topology.is_last_pipe_stage and topology.dp_rank == 0 and topology.tp_rank == 0
+    context = MLPContext(config, topology)
+    is_logger = context.is_reporting_rank
     with MetricsLogger(config.logger, enabled=is_logger, run_config=config.to_dict()) as metrics:
         trainer = Trainer(
             config.trainer,
-            TrainingContext(config, topology),
+            context,
             module,
             optimizer,
             train_data,
