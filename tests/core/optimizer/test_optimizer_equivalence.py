@@ -93,12 +93,13 @@ def _parallel(layout: dict[str, Any], steps: int, zero: bool) -> dict[str, Any]:
     topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=N_MICRO))
     module = ParallelModule(model_specs(topo, N_BLOCKS, 0.0), topo, Loss(topo))
     optimizer = Optimizer(module, OptimizerConfig.from_dict({**OPTIMIZER, "zero": zero}))
-    losses, norms = [], []
+    losses, norms, clipped = [], [], []
     for step in range(steps):
         mine = _step_batches(step, topo.dp_size)[topo.dp_rank * N_MICRO : (topo.dp_rank + 1) * N_MICRO]
         losses.append(module.train_step(mine, step=step).loss)
         result = optimizer.step(step)
         norms.append(result.grad_norm)
+        clipped.append(result.grad_norm_clipped)
     weights = {n: (p.detach().clone(), get_param_meta(p).tp_split_dim) for n, p in module.named_parameters_canonical()}
     state_bytes = sum(
         t.numel() * t.element_size()
@@ -109,6 +110,7 @@ def _parallel(layout: dict[str, Any], steps: int, zero: bool) -> dict[str, Any]:
         "coord": (topo.pp_rank, topo.dp_rank, topo.tp_rank),
         "losses": torch.stack(losses),
         "norms": torch.stack(norms),
+        "clipped": torch.stack(clipped),
         "weights": weights,
         "state_bytes": state_bytes,
     }
@@ -149,6 +151,8 @@ def test_training_matches_torch_adamw(layout: dict[str, Any], zero: bool, steps:
     for r in results:
         torch.testing.assert_close(r["losses"], expected["losses"], **TOL, msg=f"losses on {r['coord']}")
         torch.testing.assert_close(r["norms"], expected["norms"], **TOL, msg=f"grad norms on {r['coord']}")
+        after = expected["norms"].clamp(max=OPTIMIZER["gradient_clipping"])  # the reported norm after clipping
+        torch.testing.assert_close(r["clipped"], after, rtol=1e-5, atol=1e-5, msg=f"clipped norms on {r['coord']}")
     full = _full_weights(results, tp)
     reference = expected["weights"]
     assert set(full) == set(reference), set(full) ^ set(reference)
