@@ -41,7 +41,9 @@ class _Windows:
         return {k: torch.stack([i[k] for i in items]) for k in items[0]}
 
 
-def _train(layout: dict[str, Any], trainer: dict[str, Any], stop_at: int | None) -> dict[str, Any]:
+def _train(
+    layout: dict[str, Any], trainer: dict[str, Any], stop_at: int | None, signal_number: int = signal.SIGTERM
+) -> dict[str, Any]:
     topo = Topology(TopologyConfig(**layout, micro_batch_size=2, global_batch_size=8))
     module = ParallelModule(model_specs(topo, 2, 0.1), topo, Loss(topo), seed=1)
     optimizer = Optimizer(
@@ -61,8 +63,8 @@ def _train(layout: dict[str, Any], trainer: dict[str, Any], stop_at: int | None)
         original = run.module.train_step
 
         def train_step(*args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("step") == stop_at:
-                os.kill(os.getpid(), signal.SIGTERM)
+            if kwargs.get("step") == stop_at and topo.global_rank == 0:  # only one rank is told
+                os.kill(os.getpid(), signal_number)
             return original(*args, **kwargs)
 
         run.module.train_step = train_step  # type: ignore[method-assign]
@@ -109,6 +111,13 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path: Path) -> None:
     results = run_distributed(_train, 1, {}, {"train_iterations": 50, "save_dir": str(tmp_path)}, 3)
     assert results[0]["step"] == 4  # the step in flight finishes, then the loop stops
     assert (tmp_path / "latest").read_text() == "global_step4"
+
+
+def test_sigint_on_one_rank_stops_every_rank_after_a_save(tmp_path: Path) -> None:
+    trainer = {"train_iterations": 50, "save_dir": str(tmp_path)}
+    results = run_distributed(_train, 2, {"data_parallel_size": 2}, trainer, 2, signal.SIGINT)
+    assert [r["step"] for r in results] == [3, 3]  # the ranks agree to stop after the step in flight
+    assert (tmp_path / "latest").read_text() == "global_step3"
 
 
 def test_missing_checkpoint_is_fatal_only_when_asked(tmp_path: Path) -> None:

@@ -48,6 +48,31 @@ def _train(dtype: torch.dtype, steps: int, lr: float) -> dict[str, torch.Tensor]
     return {n: p.detach().float().clone() for n, p in module.named_parameters_canonical()}
 
 
+def _gradient_reduction(reduce_in_fp32: bool) -> dict[str, Any]:
+    topo = Topology(TopologyConfig(data_parallel_size=dist.get_world_size(), gradient_accumulation_steps=2))
+    precision = PrecisionConfig.from_dict({"precision": "bfloat16", "reduce_grads_in_fp32": reduce_in_fp32})
+    module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo), precision=precision)
+    optimizer = Optimizer(module, OptimizerConfig.from_dict({"training_groups": [{}]}))
+    mine = batches(2 * topo.dp_size, seed=0)[topo.dp_rank * 2 : (topo.dp_rank + 1) * 2]
+    module.train_step(mine, step=0, loss_scale=optimizer.loss_scale)
+    grads = {n: module.main_grad(p).clone() for n, p in module.named_parameters_canonical()}
+    return {
+        "no_scaler": optimizer.scaler is None and optimizer.loss_scale == 1.0,  # bf16 needs no loss scaling
+        "dtypes": {str(g.dtype) for g in grads.values()},
+        "grads": {n: g.float() for n, g in grads.items()},
+    }
+
+
+def test_bf16_runs_without_a_scaler_and_reduces_in_the_configured_dtype() -> None:
+    fp32_reduce = run_distributed(_gradient_reduction, 2, True)
+    bf16_reduce = run_distributed(_gradient_reduction, 2, False)
+    assert all(r["no_scaler"] for r in fp32_reduce + bf16_reduce)
+    assert fp32_reduce[0]["dtypes"] == {"torch.float32"} and bf16_reduce[0]["dtypes"] == {"torch.bfloat16"}
+    for name, grad in fp32_reduce[0]["grads"].items():
+        torch.testing.assert_close(fp32_reduce[1]["grads"][name], grad)  # every replica holds the same average
+        torch.testing.assert_close(bf16_reduce[0]["grads"][name], grad, rtol=2e-2, atol=1e-3)  # bf16 rounding only
+
+
 def test_bf16_with_fp32_masters_tracks_fp32() -> None:
     bf16 = run_distributed(_train, 2, torch.bfloat16, BF16_STEPS, 1e-2)[0]
     fp32 = run_distributed(_train, 2, torch.float32, BF16_STEPS, 1e-2)[0]
