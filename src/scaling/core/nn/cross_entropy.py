@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -50,9 +51,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         softmax, local_target, owned, valid = ctx.saved_tensors
-        grad_logits = softmax.clone()
+        grad_logits = softmax  # the saved softmax is this function's own and is used once: overwrite it
         grad_logits.scatter_add_(-1, local_target.unsqueeze(-1), -owned.unsqueeze(-1).to(softmax.dtype))
         grad_logits.mul_((grad * valid).unsqueeze(-1))
         return grad_logits.to(ctx.input_dtype), None, None, None
@@ -63,7 +65,13 @@ def vocab_parallel_cross_entropy(
 ) -> torch.Tensor:
     """Per-token loss ``[...]`` from this rank's logits ``[..., V / tp]`` and targets ``[...]`` (global ids).
 
-    Positions whose target is ``ignore_index`` get loss 0 and zero gradient.
+    Positions whose target is ``ignore_index`` get loss 0 and zero gradient. Without tensor parallelism
+    the vocabulary is whole on this rank and PyTorch's fused kernel computes the same thing faster.
     """
+    if group is None or dist.get_world_size(group) == 1:
+        flat = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, -2), target.flatten(), ignore_index=ignore_index, reduction="none"
+        )
+        return flat.view(target.shape)
     loss: torch.Tensor = _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index)  # type: ignore[no-untyped-call]
     return loss

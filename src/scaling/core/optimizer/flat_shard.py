@@ -51,6 +51,16 @@ class FlatShard:
         master = torch.zeros(self.end - self.start, dtype=torch.float32, device=device)
         self.master = nn.Parameter(master)
         self.load_from_params()
+        # Gradient buffers are allocated once and overwritten every step: fresh full-size allocations
+        # each step cost more than the update itself (the memory is faulted in anew every time). Their
+        # padding is zeroed here and never written again.
+        self._grad: torch.Tensor | None = None
+        self._flat: torch.Tensor | None = None
+
+    def _grad_buffer(self) -> torch.Tensor:
+        if self._grad is None:
+            self._grad = torch.zeros_like(self.master)
+        return self._grad
 
     def load_from_params(self) -> None:
         """Master weights from the model's (possibly bf16) parameters."""
@@ -61,7 +71,7 @@ class FlatShard:
 
     def set_grad(self, grads: dict[int, torch.Tensor]) -> None:
         """Point the master's ``.grad`` at this share of the given full gradients (keyed by id(param))."""
-        grad = torch.zeros_like(self.master)
+        grad = self._grad_buffer()
         for piece in self.pieces:
             at = piece.flat_start + piece.lo - self.start
             grad[at : at + piece.hi - piece.lo].copy_(grads[id(piece.param)].reshape(-1)[piece.lo : piece.hi])
@@ -87,12 +97,14 @@ class FlatShard:
 
         One reduce-scatter of the slot's flat vector: each rank receives only the share it updates.
         """
-        flat = torch.zeros(self.master.numel() * self.parts, dtype=torch.float32, device=self.master.device)
+        if self._flat is None:
+            self._flat = torch.zeros(self.master.numel() * self.parts, dtype=torch.float32, device=self.master.device)
+        flat = self._flat
         offset = 0
         for p in self.params:
             flat[offset : offset + p.numel()].copy_(grads[id(p)].reshape(-1))
             offset += p.numel()
-        grad = torch.empty_like(self.master)
+        grad = self._grad_buffer()
         dist.reduce_scatter_single(grad, flat, group=self.group)
         self.master.grad = grad.div_(self.parts)
 
