@@ -50,7 +50,16 @@ class FlatShard:
         device = self.params[0].device
         master = torch.zeros(self.end - self.start, dtype=torch.float32, device=device)
         self.master = nn.Parameter(master)
+        self._aliases: list[tuple[nn.Parameter, int]] = []
         self.load_from_params()
+        # Unsharded fp32 parameters become views of the master vector: the optimizer then updates the
+        # model in place, with no copy back and no second fp32 copy of the weights.
+        if parts == 1 and all(p.dtype == torch.float32 and p.device == device for p in self.params):
+            offset = 0
+            for p in self.params:
+                p.data = self.master.data[offset : offset + p.numel()].view_as(p)
+                self._aliases.append((p, p.data_ptr()))
+                offset += p.numel()
         # Gradient buffers are allocated once and overwritten every step: fresh full-size allocations
         # each step cost more than the update itself (the memory is faulted in anew every time). Their
         # padding is zeroed here and never written again.
@@ -64,6 +73,8 @@ class FlatShard:
 
     def load_from_params(self) -> None:
         """Master weights from the model's (possibly bf16) parameters."""
+        if self._aliased():
+            return  # the parameters are the master
         with torch.no_grad():
             for piece in self.pieces:
                 at = piece.flat_start + piece.lo - self.start
@@ -118,8 +129,14 @@ class FlatShard:
                 total += self.master.grad[at : at + piece.hi - piece.lo].pow(2).sum()
         return total
 
+    def _aliased(self) -> bool:
+        """Whether every parameter still is its view of the master (code may have replaced ``.data``)."""
+        return bool(self._aliases) and all(p.data_ptr() == ptr for p, ptr in self._aliases)
+
     def write_back(self) -> None:
         """Copy updated master weights into the model: all-gather the shares over dp ranks when sharded."""
+        if self._aliased():
+            return
         with torch.no_grad():
             full = self.gather(self.master.detach())
             offset = 0

@@ -98,19 +98,22 @@ class Attention(nn.Module):
             kv = kv[:, :, self.kv_head_index : self.kv_head_index + 1]
         k, v = kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)  # [b, kv_local, s, d]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kernel = self.config.attention_kernel
+        p = self.config.attention_dropout if self.training else 0.0
+        if kernel == "torch" and p == 0:  # SDPA reads each kv head for its query group: no repeated copies
+            out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            return self._project_out(out, b, s)
         repeat = self.heads_local // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # [b, h_local, s, d]
-        kernel = self.config.attention_kernel
         if kernel == "reference":
             out = reference_attention(q, k, v, mask, self.attention_dropout if self.training else None)
         elif kernel == "flash_attention":
             out = _flash(q, k, v, self.config.attention_dropout if self.training else 0.0)
-        else:
-            p = self.config.attention_dropout if self.training else 0.0
-            if p > 0:  # SDPA's own dropout is not layout-invariant: use the reference math for it
-                out = reference_attention(q, k, v, mask, self.attention_dropout)
-            else:
-                out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # SDPA's own dropout is not layout-invariant: use the reference math for it
+            out = reference_attention(q, k, v, mask, self.attention_dropout)
+        return self._project_out(out, b, s)
+
+    def _project_out(self, out: torch.Tensor, b: int, s: int) -> torch.Tensor:
         out = out.transpose(1, 2).reshape(b, s, self.heads_local * self.head_dim)  # [b, s, h_local * d]
         result: torch.Tensor = self.dense(out)  # [b, s(/tp under SP), hidden], summed over tp ranks
         return result
