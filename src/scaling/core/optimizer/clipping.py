@@ -24,8 +24,9 @@ def global_grad_norm(
     grads = list(grads)
     device = grads[0].device if grads else (device or torch.device("cpu"))  # a rank may hold no gradients
     squares = torch.zeros((), dtype=torch.float32, device=device)
-    for grad in grads:
-        squares += grad.detach().float().pow(2).sum()
+    if grads:  # one multi-tensor kernel instead of a pow and a sum per parameter
+        norms = torch._foreach_norm([g.detach() for g in grads], 2.0, dtype=torch.float32)
+        squares = squares + torch.stack(norms).pow(2).sum()
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(squares, group=group)
     return squares.sqrt()
