@@ -268,6 +268,29 @@ def _save_with_tokenizer(directory: str, tokenizer: str) -> None:
     save_checkpoint(directory, 4, _module(topo, ARCH), config=_run_config(ARCH), files={"tokenizer.json": tokenizer})
 
 
+def _stop_strings(directory: str) -> dict[str, Any]:
+    model = InferenceModel(load_model(directory, topology=inference_topology()))
+    assert model.tokenizer is not None  # carried inside the checkpoint
+    greedy = GenerationConfig(max_new_tokens=NEW)
+    free = generate(model, PROMPTS[:1], greedy)[0]
+    stop = f"w{free.tokens[3]}" if free.tokens[3] < VOCAB - 2 else "w"
+    stopped = generate(model, PROMPTS[:1], greedy.model_copy(update={"stop_strings": [stop]}))[0]
+    return {"free": (free.tokens, free.text), "stopped": (stopped.tokens, stopped.text, stopped.finish_reason),
+            "stop": stop}  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+def test_stop_strings_end_generation_and_are_cut_from_the_text(tmp_path: Path) -> None:
+    tokenizer = _tokenizer_file(tmp_path / "tokenizer.json")
+    run_distributed(_save_with_tokenizer, 1, str(tmp_path / "ckpt"), str(tokenizer), timeout_s=120)
+    result = run_distributed(_stop_strings, 1, str(tmp_path / "ckpt"), timeout_s=120)[0]
+    free_tokens, free_text = result["free"]
+    tokens, text, reason = result["stopped"]
+    assert reason == "stop_string"
+    assert tokens == free_tokens[: len(tokens)] and len(tokens) <= 4  # stopped at the token that completed it
+    assert result["stop"] not in text and free_text.startswith(text)
+
+
 @pytest.mark.timeout(240)
 def test_scaling_generate_prints_the_completion(tmp_path: Path) -> None:
     tokenizer = _tokenizer_file(tmp_path / "tokenizer.json")
