@@ -347,3 +347,11 @@ def test_greedy_generation_equals_transformers_generate(tmp_path: Path) -> None:
     assert result["ours"] == result["theirs"]
     assert result["batched"] == result["ours"]  # left padding in a batch changes nothing
     assert all(len(set(tokens)) > 3 for tokens in result["ours"])  # a real continuation, not one repeated token
+
+
+def test_scaling_generate_names_a_bad_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from scaling.transformer.inference.cli import main
+
+    assert main(["unused", "--prompt", "w1", "--top-p", "0", "--max-new-tokens", "0"]) == 2  # before any loading
+    err = capsys.readouterr().err
+    assert "--top-p: Input should be greater than 0" in err and "--max-new-tokens:" in err

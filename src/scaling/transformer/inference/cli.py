@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from scaling.core.checkpoint import CheckpointError
 from scaling.core.config import ConfigError
 from scaling.transformer.data.tokenizer import Tokenizer, TokenizerError
+
+if TYPE_CHECKING:
+    from scaling.transformer.inference.generation import GenerationConfig
 
 __all__ = ["main"]
 
@@ -44,15 +48,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "scaling generate") -> int:
     args = build_parser(prog).parse_args(argv)
     from scaling.transformer.inference.decoder import InferenceModel
-    from scaling.transformer.inference.generation import GenerationConfig, generate
+    from scaling.transformer.inference.generation import generate
     from scaling.transformer.inference.loading import inference_topology, load_model
 
     try:
-        config = GenerationConfig(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty, stop_strings=args.stop, seed=args.seed,
-            use_cache=not args.no_cache,
-        )  # fmt: skip
+        config = _generation_config(args)
         loaded = load_model(
             args.checkpoint, adapters=args.adapters, topology=inference_topology(device=args.device),
             dtype=_DTYPES[args.dtype],
@@ -82,6 +82,24 @@ def main(argv: Sequence[str] | None = None, prog: str = "scaling generate") -> i
         print(f"=== {text!r} ({len(completion.tokens)} tokens, {completion.finish_reason})")
         print(text + (completion.text or ""))
     return 0
+
+
+def _generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The sampling options as a validated config; a bad value is reported under its option name."""
+    from scaling.transformer.inference.generation import GenerationConfig
+
+    options = {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "stop_strings": args.stop,
+        "seed": args.seed, "use_cache": not args.no_cache,
+    }  # fmt: skip
+    try:
+        return GenerationConfig.from_dict(options)
+    except ConfigError as exc:
+        problems = str(exc).splitlines()[1:]  # the first line names the config class, not the command line
+        for name in options:
+            problems = [line.replace(f"  {name}:", f"  --{name.replace('_', '-')}:") for line in problems]
+        raise ConfigError("invalid option:\n" + "\n".join(problems)) from None
 
 
 class _Streamer:
