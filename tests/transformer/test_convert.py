@@ -22,6 +22,7 @@ from tokenizers import models, pre_tokenizers
 
 from scaling.cli.main import main
 from scaling.core.checkpoint import load_checkpoint, save_checkpoint
+from scaling.core.checkpoint.files import file_digest
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
@@ -340,6 +341,12 @@ def test_missing_unexpected_and_mis_shaped_tensors_are_named(tmp_path: Path) -> 
     stored = load_file(str(layer))
     del stored["mlp.gate.weight"]
     save_file(stored, str(layer))
+    with pytest.raises(ConversionError, match=r"layer_00001\.safetensors does not match the checksum"):
+        save_huggingface(checkpoint, tmp_path / "hf_out")
+    manifest = checkpoint / "manifest.json"  # as if written so: the checksum matches, the tensor is missing
+    recorded = json.loads(manifest.read_text())
+    recorded["checksums"]["model/layer_00001.safetensors"] = file_digest(layer)
+    manifest.write_text(json.dumps(recorded))
     with pytest.raises(ConversionError, match=r"'mlp\.gate\.weight'.*layer_00001\.safetensors"):
         save_huggingface(checkpoint, tmp_path / "hf_out")
     assert not (tmp_path / "hf_out").exists()

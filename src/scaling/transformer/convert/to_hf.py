@@ -45,12 +45,15 @@ class _Checkpoint:
             raise ConversionError(f"{role}: {exc}") from None
         manifest = read_json(self.path / MANIFEST)
         self.weights = manifest.get("weights", "all")
+        self.checksums: dict[str, str] = manifest.get("checksums") or {}
         config = manifest.get("config")
         where = self.path / MANIFEST
         if not isinstance(config, dict) or not isinstance(config.get("architecture"), dict):
             raise ConversionError(f"{where} has no config.architecture: cannot tell which model it holds")
         try:
-            self.arch = TransformerArchitectureConfig.from_dict(config["architecture"], source=str(where))
+            # The kernel that trained the model does not matter for export (and flash-attn need not be here).
+            architecture = {**config["architecture"], "attention_kernel": "torch"}
+            self.arch = TransformerArchitectureConfig.from_dict(architecture, source=str(where))
             raw = config.get("finetuning")
             self.finetuning = FinetuningConfig.from_dict(raw, source=str(where)) if raw is not None else None
         except ConfigError as exc:
@@ -68,7 +71,7 @@ class _Checkpoint:
         if not path.is_file():
             return {}, path
         try:
-            return read_tensors(path)[0], path
+            return read_tensors(path, self.checksums.get(path.relative_to(self.path).as_posix()))[0], path
         except CheckpointError as exc:
             raise ConversionError(str(exc)) from None
 
