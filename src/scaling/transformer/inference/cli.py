@@ -16,6 +16,7 @@ import torch
 
 from scaling.core.checkpoint import CheckpointError
 from scaling.core.config import ConfigError
+from scaling.core.topology import shutdown_distributed
 from scaling.transformer.data.tokenizer import Tokenizer, TokenizerError
 
 if TYPE_CHECKING:
@@ -47,6 +48,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str = "scaling generate") -> int:
     args = build_parser(prog).parse_args(argv)
+    joined_a_world = torch.distributed.is_initialized()  # a caller's world is left as it was
+    try:
+        return _run(args, prog)
+    finally:
+        if not joined_a_world:
+            shutdown_distributed()  # the world of one this command made
+
+
+def _run(args: argparse.Namespace, prog: str) -> int:
     from scaling.transformer.inference.decoder import InferenceModel
     from scaling.transformer.inference.generation import generate
     from scaling.transformer.inference.loading import inference_topology, load_model
