@@ -2,12 +2,13 @@
 
 Run: ``python benchmarks/pipeline.py`` (CPU, gloo, 2 processes).
 
-Bubble: for pp=2 and m micro-batches, each schedule's step time ``T_pp`` is compared with the same work on
-one stage without a pipeline, ``T_1``: one stage's layers for m micro-batches, run by ``pp`` independent
-single-process worlds at the same time, so the baseline sees the same load on the machine's cores as the
-pipeline does. With perfect overlap ``T_pp == T_1``; the measured bubble fraction is ``1 - T_1 / T_pp``,
-printed beside the theoretical ``(p - 1) / (m + p - 1)`` (``(p - 1) / (v m + p - 1)`` interleaved over
-``v`` chunks).
+Bubble: for pp=2 and m micro-batches, each schedule's step time ``T_pp`` is compared with the same work
+without a pipeline, ``T_1``: each stage's layers for m micro-batches (stages after the first also
+computing their input's gradient, as they must to send it back), run by ``pp`` independent
+single-process worlds at the same time so the baseline sees the same load on the machine's cores as the
+pipeline does; ``T_1`` is the slowest of them, the pace a pipeline cannot beat. With perfect overlap
+``T_pp == T_1``; the measured bubble fraction is ``1 - T_1 / T_pp``, printed beside the theoretical
+``(p - 1) / (m + p - 1)`` (``(p - 1) / (v m + p - 1)`` interleaved over ``v`` chunks).
 
 Memory: the peak, over one ``train_step``, of the bytes held by activations (tensors kept for the backward
 pass, including those activation checkpointing recomputes during it) and of all tensors the step creates,
@@ -21,7 +22,6 @@ so the numbers are exact on CPU and independent of the allocator.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -66,7 +66,9 @@ def _time_steps(module: ParallelModule, batches: list[Any], steps: int) -> float
     return min(times)  # the least disturbed step: on a shared 2-core machine the median mostly measures noise
 
 
-def _measure(pp: int, layers: int, hidden: int, micro: int, n_micro: int, schedule: str, steps: int) -> float:
+def _measure(
+    pp: int, layers: int, hidden: int, micro: int, n_micro: int, schedule: str, steps: int, input_grad: bool = False
+) -> float:
     torch.set_num_threads(1)
     config = TopologyConfig(
         pipe_parallel_size=pp,
@@ -78,7 +80,7 @@ def _measure(pp: int, layers: int, hidden: int, micro: int, n_micro: int, schedu
     topo = Topology(config)
     specs = [LayerSpec(MLPBlock, (hidden, i)) for i in range(layers)]
     module = ParallelModule(specs, topo, _loss)
-    batches = [torch.randn(micro, 16, hidden, device=topo.device) for _ in range(n_micro)]
+    batches = [torch.randn(micro, 16, hidden, device=topo.device).requires_grad_(input_grad) for _ in range(n_micro)]
     return _time_steps(module, batches, steps)
 
 
@@ -86,14 +88,18 @@ def bubble_table(layers: int, hidden: int, micro: int, steps: int) -> list[dict[
     pp = 2
     rows = []
     for n_micro in (2, 4, 8):
-        # Same work as one stage of the pipeline (layers / pp layers, m micro-batches, no communication), in
-        # pp concurrent worlds of one process so the cores are as busy as during the pipelined run.
+        # The work of each stage of the pipeline (layers / pp layers, m micro-batches, no communication), in
+        # pp concurrent worlds of one process so the cores are as busy as during the pipelined run. Every
+        # stage after the first also computes the gradient of its input (to send it back), so its world does
+        # too; a pipeline runs at the pace of its slowest stage, so that stage's time is the baseline.
         with ThreadPoolExecutor(pp) as pool:
             futures = [
-                pool.submit(run_distributed, _measure, 1, 1, layers // pp, hidden, micro, n_micro, "1f1b", steps)
-                for _ in range(pp)
+                pool.submit(
+                    run_distributed, _measure, 1, 1, layers // pp, hidden, micro, n_micro, "1f1b", steps, stage > 0
+                )
+                for stage in range(pp)
             ]
-            single = statistics.median(f.result()[0] for f in futures)
+            single = max(f.result()[0] for f in futures)
         for schedule in ("gpipe", "1f1b", "interleaved_1f1b"):
             if schedule == "interleaved_1f1b" and n_micro % pp:
                 continue
