@@ -94,8 +94,9 @@ def generate(
     prompt_len = tokens.shape[1]
     generator = torch.Generator(device=device).manual_seed(config.seed)
     seen = torch.zeros(batch, model.vocab_size, dtype=torch.bool, device=device)
-    if config.repetition_penalty != 1.0:
-        seen.scatter_(1, tokens, valid)
+    if config.repetition_penalty != 1.0:  # the prompt's real tokens (padding must not mark token 0 as unseen)
+        rows = torch.arange(batch, device=device).unsqueeze(1).expand_as(tokens)
+        seen[rows[valid], tokens[valid]] = True
     stop_ids = torch.tensor(config.stop_tokens, dtype=torch.long, device=device)
 
     cache = model.new_cache(batch, prompt_len + config.max_new_tokens) if config.use_cache else None
