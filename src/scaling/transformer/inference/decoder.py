@@ -146,7 +146,7 @@ class InferenceModel:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the real vocabulary (padding rows dropped) ``[..., vocab]``, in float32, on every rank."""
-        local = hidden @ self.head.weight.t()  # [..., vocab / tp]
+        local = nn.functional.linear(hidden, self.head.weight)  # [..., vocab / tp]
         if self.topology.tp_size > 1:
             parts = [torch.empty_like(local) for _ in range(self.topology.tp_size)]
             dist.all_gather(parts, local.contiguous(), group=self.topology.tp_group)

@@ -156,7 +156,7 @@ class LMHead(nn.Module):
             h = h[:, x["soft_prompt_tokens"].shape[1] :]
         group = self.topology.tp_group
         h = all_gather_from_sp(h, group) if self.sequence_parallel else copy_to_tp(h, group)
-        return h @ self.weight.t()
+        return nn.functional.linear(h, self.weight)  # [b, s, vocab / tp]; one GEMM with the weight as stored
 
 
 class LanguageModelLoss:
