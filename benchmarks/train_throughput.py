@@ -69,20 +69,27 @@ def _matmul_size(device: torch.device) -> int:
     return 8192 if device.type == "cuda" else 1024  # big enough to saturate the device, small enough to repeat
 
 
-def _matmul_peak(device: torch.device, threads: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """FLOP/s of a large square matmul: the practical peak of this device for this dtype."""
+def _matmul_peak(device: torch.device, threads: int, dtype: torch.dtype, windows: int = 4) -> float:
+    """FLOP/s of a large square matmul: the practical peak of this device for this dtype.
+
+    The best of several one-second windows: on a shared machine a single window can catch a slow moment,
+    and a peak measured too low inflates every MFU figure (past 100%).
+    """
     torch.set_num_threads(threads)
     n = _matmul_size(device)
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     for _ in range(3):
         a @ b
-    _sync(device)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b  # on GPU this only queues the kernel; the sync below waits for all of them
-        count += 1
-    _sync(device)
-    return 2 * n**3 * count / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(windows):
+        _sync(device)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 1.0:
+            a @ b  # on GPU this only queues the kernel; the sync below waits for all of them
+            count += 1
+        _sync(device)
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
+    return best
 
 
 def _flops_per_token(arch: dict[str, int], parameters: int) -> float:
