@@ -306,6 +306,10 @@ def test_scaling_generate_prints_the_completion(tmp_path: Path) -> None:
     if stop is not None:  # the tokenizer's end-of-text stops generation
         expected = " ".join(f"w{t}" for t in reference[0][:stop])
     assert expected in result.stdout and result.stdout.startswith(prompt)
+    on_two_ranks = subprocess.run([*command, "--tensor-parallel", "2"], cwd=REPO, capture_output=True, text=True,
+                                  timeout=200)  # fmt: skip
+    assert on_two_ranks.returncode == 0, on_two_ranks.stderr[-3000:]
+    assert on_two_ranks.stdout == result.stdout  # launched tensor-parallel ranks; the first one prints
 
     missing = subprocess.run(
         [sys.executable, "-m", "scaling.cli.main", "generate", str(tmp_path / "nothing"), "--prompt", "w1"],

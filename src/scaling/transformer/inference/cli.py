@@ -8,6 +8,7 @@ header naming its prompt.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ import torch
 
 from scaling.core.checkpoint import CheckpointError
 from scaling.core.config import ConfigError
+from scaling.core.runner import RunnerConfig, launch
 from scaling.core.topology import shutdown_distributed
 from scaling.transformer.data.tokenizer import Tokenizer, TokenizerError
 
@@ -43,11 +45,25 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="Where to run.")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="Weights dtype (default float32).")
     parser.add_argument("--no-cache", action="store_true", help="Recompute every step (slow; for comparison).")
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Split the model over N local processes (tensor-parallel ranks; one GPU each with --device cuda).",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "scaling generate") -> int:
-    args = build_parser(prog).parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(arguments)
+    if args.tensor_parallel < 1:
+        print(f"{prog}: --tensor-parallel must be at least 1, got {args.tensor_parallel}", file=sys.stderr)
+        return 2
+    if args.tensor_parallel > 1 and "RANK" not in os.environ:  # started by hand: start the ranks, each runs this
+        runner = RunnerConfig(script="scaling.transformer.inference.cli", module=True, script_args=arguments)
+        return launch(runner, args.tensor_parallel)
     joined_a_world = torch.distributed.is_initialized()  # a caller's world is left as it was
     try:
         return _run(args, prog)
@@ -63,10 +79,8 @@ def _run(args: argparse.Namespace, prog: str) -> int:
 
     try:
         config = _generation_config(args)
-        loaded = load_model(
-            args.checkpoint, adapters=args.adapters, topology=inference_topology(device=args.device),
-            dtype=_DTYPES[args.dtype],
-        )  # fmt: skip
+        topology = inference_topology(args.tensor_parallel, device=args.device)
+        loaded = load_model(args.checkpoint, adapters=args.adapters, topology=topology, dtype=_DTYPES[args.dtype])
         if args.tokenizer is not None:
             loaded.tokenizer = Tokenizer.from_file(args.tokenizer)
         tokenizer = loaded.tokenizer
@@ -80,11 +94,16 @@ def _run(args: argparse.Namespace, prog: str) -> int:
             if not ids:
                 raise ValueError(f"prompt {text!r} encodes to no tokens")
         # Streaming would show a stop string before it is known to be one: stream only without them.
-        streamer = _Streamer(tokenizer, args.prompt[0]) if len(prompts) == 1 and not args.stop else None
+        # Every tensor-parallel rank draws the same tokens; the first one prints them.
+        printing = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        stream = printing and len(prompts) == 1 and not args.stop
+        streamer = _Streamer(tokenizer, args.prompt[0]) if stream else None
         completions = generate(model, prompts, config, on_token=streamer)
     except (CheckpointError, ConfigError, TokenizerError, ValueError, FileNotFoundError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    if not printing:
+        return 0
     if streamer is not None:
         streamer.finish(completions[0].text or "")
         return 0
@@ -136,3 +155,7 @@ class _Streamer:
             sys.stdout.write(final[len(self.printed) :])
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(prog="scaling generate"))

@@ -9,6 +9,7 @@ is merged into the base weights so generation pays nothing for it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,10 @@ def _finetuning_of(checkpoint: Path) -> FinetuningConfig | None:
 def inference_topology(tensor_parallel: int | None = None, device: str = "auto") -> Topology:
     """A topology of ``tensor_parallel`` ranks (default: every rank of the world) and no pipeline.
 
-    Without a launched world this process becomes a world of one.
+    Without a launched world (no ``RANK``/``WORLD_SIZE`` from a launcher) this process becomes a world of one.
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    # Before initialisation a launched rank knows the world size from the launcher's environment.
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     tp = tensor_parallel or world
     if world != tp:
         raise ValueError(f"inference runs on tensor-parallel ranks only: {world} processes for tp={tp}")
