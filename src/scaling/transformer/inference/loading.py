@@ -21,6 +21,7 @@ from safetensors import safe_open
 from scaling.core.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from scaling.core.checkpoint.files import read_json
 from scaling.core.checkpoint.layout import MANIFEST, model_layer_file
+from scaling.core.nn.precision import PrecisionConfig
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.topology import Topology, TopologyConfig, init_distributed
 from scaling.transformer.data.tokenizer import Tokenizer
@@ -33,6 +34,7 @@ from scaling.transformer.model.layers import LanguageModelLoss, transformer_laye
 __all__ = ["LoadedModel", "architecture_of", "inference_topology", "load_model"]
 
 TOKENIZER_FILE = "tokenizer.json"
+_PRECISION_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 @dataclass
@@ -124,6 +126,8 @@ def load_model(
     loaded on top of ``checkpoint``; its manifest says which finetuning built it. ``merge`` folds LoRA
     into the base weights. Collective over the tensor-parallel ranks.
     """
+    if dtype not in _PRECISION_NAMES:
+        raise ValueError(f"inference dtype must be one of {sorted(map(str, _PRECISION_NAMES))}, got {dtype}")
     base = find_checkpoint(checkpoint)
     architecture = architecture_of(base)
     adapter_dir = find_checkpoint(adapters) if adapters is not None else None
@@ -140,6 +144,8 @@ def load_model(
         topology,
         LanguageModelLoss(topology),
         adapt=finetuning_adapter(finetuning, topology) if finetuning is not None else None,
+        # Each layer is cast as it is built, so a bf16 model never exists in fp32 all at once.
+        precision=PrecisionConfig.from_dict({"precision": _PRECISION_NAMES[dtype]}),
     )
     # A full checkpoint of a finetuned model holds its adapter weights; a base checkpoint under an adapter
     # checkpoint does not, and the adapter checkpoint then fills them in (and must hold every one).
@@ -148,7 +154,6 @@ def load_model(
         _load_adapters(adapter_dir, module)
     if merge:
         merge_lora(module)
-    module.to(dtype=dtype)
     module.eval()
     module.requires_grad_(False)
     tokenizer = _load_tokenizer(base, _run_config(base))
