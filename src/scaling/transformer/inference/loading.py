@@ -92,13 +92,7 @@ def inference_topology(tensor_parallel: int | None = None, device: str = "auto")
     )  # fmt: skip
     if not dist.is_initialized():
         return init_distributed(config)
-    return Topology(config, device=_device_for(config))
-
-
-def _device_for(config: TopologyConfig) -> torch.device | None:
-    if config.device == "cpu":
-        return torch.device("cpu")
-    return None
+    return Topology(config, device="cpu" if device == "cpu" else None)  # None: the world's own device choice
 
 
 def _load_tokenizer(checkpoint: Path, config: dict[str, Any]) -> Tokenizer | None:
