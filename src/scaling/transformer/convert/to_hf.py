@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from scaling.core.checkpoint import CheckpointError, find_checkpoint
-from scaling.core.checkpoint.files import read_json, read_tensors
+from scaling.core.checkpoint import CheckpointError
+from scaling.core.checkpoint.files import read_tensors
 from scaling.core.checkpoint.layout import MANIFEST, model_layer_file
 from scaling.core.config import ConfigError
 from scaling.transformer.convert.errors import ConversionError
@@ -27,8 +27,7 @@ from scaling.transformer.convert.hf_files import ShardedWriter
 from scaling.transformer.convert.hf_weights import hf_layer_from_scaling, scaling_tensor_shapes
 from scaling.transformer.convert.output import SIDE_FILES, staged_directory
 from scaling.transformer.data.tokenizer import Tokenizer, TokenizerError
-from scaling.transformer.finetuning.config import FinetuningConfig
-from scaling.transformer.model.config import TransformerArchitectureConfig
+from scaling.transformer.saved_run import SavedRun
 
 __all__ = ["save_huggingface"]
 
@@ -36,34 +35,23 @@ _LORA_A, _LORA_B = ".lora_a", ".lora_b"
 
 
 class _Checkpoint:
-    """A finished checkpoint's manifest config, read without building a model."""
+    """A finished checkpoint's recorded run (see :class:`SavedRun`), with conversion errors."""
 
     def __init__(self, path: str | Path, role: str) -> None:
         try:
-            self.path = find_checkpoint(path)
+            self.run = SavedRun.read(path)
         except CheckpointError as exc:
             raise ConversionError(f"{role}: {exc}") from None
-        manifest = read_json(self.path / MANIFEST)
-        self.weights = manifest.get("weights", "all")
-        self.checksums: dict[str, str] = manifest.get("checksums") or {}
-        config = manifest.get("config")
-        where = self.path / MANIFEST
-        if not isinstance(config, dict) or not isinstance(config.get("architecture"), dict):
-            raise ConversionError(f"{where} has no config.architecture: cannot tell which model it holds")
-        try:
-            # The kernel that trained the model does not matter for export (and flash-attn need not be here).
-            architecture = {**config["architecture"], "attention_kernel": "torch"}
-            self.arch = TransformerArchitectureConfig.from_dict(architecture, source=str(where))
-            raw = config.get("finetuning")
-            self.finetuning = FinetuningConfig.from_dict(raw, source=str(where)) if raw is not None else None
         except ConfigError as exc:
             raise ConversionError(str(exc)) from None
+        self.path, self.arch, self.finetuning = self.run.path, self.run.architecture, self.run.finetuning
+        self.weights = self.run.weights
         if self.finetuning is not None:
             for field in ("adapters", "soft_prompt"):
                 if getattr(self.finetuning, field) is not None:
                     raise ConversionError(
-                        f"{where}: config.finetuning.{field} has no Llama equivalent; only LoRA (merged), BitFit "
-                        "and norm finetuning export"
+                        f"{self.path / MANIFEST}: config.finetuning.{field} has no Llama equivalent; only LoRA "
+                        "(merged), BitFit and norm finetuning export"
                     )
 
     def layer(self, index: int) -> tuple[dict[str, torch.Tensor], Path]:
@@ -71,7 +59,7 @@ class _Checkpoint:
         if not path.is_file():
             return {}, path
         try:
-            return read_tensors(path, self.checksums.get(path.relative_to(self.path).as_posix()))[0], path
+            return read_tensors(path, self.run.checksum_of(path))[0], path
         except CheckpointError as exc:
             raise ConversionError(str(exc)) from None
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from scaling.core.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
-from scaling.core.checkpoint.files import read_json
-from scaling.core.checkpoint.layout import MANIFEST, model_layer_file
+from scaling.core.checkpoint import CheckpointError, load_checkpoint
+from scaling.core.checkpoint.layout import model_layer_file
 from scaling.core.nn.precision import PrecisionConfig
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.topology import Topology, TopologyConfig, init_distributed
@@ -30,8 +28,9 @@ from scaling.transformer.finetuning.config import FinetuningConfig
 from scaling.transformer.finetuning.lora import merge_lora
 from scaling.transformer.model.config import TransformerArchitectureConfig
 from scaling.transformer.model.layers import LanguageModelLoss, transformer_layer_specs
+from scaling.transformer.saved_run import SavedRun
 
-__all__ = ["LoadedModel", "architecture_of", "inference_topology", "load_model"]
+__all__ = ["LoadedModel", "inference_topology", "load_model"]
 
 TOKENIZER_FILE = "tokenizer.json"
 _PRECISION_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -46,34 +45,6 @@ class LoadedModel:
     finetuning: FinetuningConfig | None
     tokenizer: Tokenizer | None
     checkpoint: Path
-
-
-def _run_config(checkpoint: Path) -> dict[str, Any]:
-    manifest = read_json(checkpoint / MANIFEST)
-    config = manifest.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("architecture"), dict):
-        raise CheckpointError(
-            f"{checkpoint / MANIFEST} records no model architecture (config.architecture); "
-            "it was not written by a scaling transformer run"
-        )
-    return config
-
-
-def architecture_of(checkpoint: Path) -> TransformerArchitectureConfig:
-    """The architecture a checkpoint was trained with, with the kernel set to SDPA for inference.
-
-    Dropout is inactive in eval mode, and the cached attention path uses SDPA whatever kernel trained
-    the model, so a flash-attn checkpoint also loads on a machine without flash-attn.
-    """
-    raw = dict(_run_config(checkpoint)["architecture"])
-    raw["attention_kernel"] = "torch"
-    raw["document_masking"] = False
-    return TransformerArchitectureConfig.from_dict(raw)
-
-
-def _finetuning_of(checkpoint: Path) -> FinetuningConfig | None:
-    raw = _run_config(checkpoint).get("finetuning")
-    return FinetuningConfig.from_dict(raw) if raw else None
 
 
 def inference_topology(tensor_parallel: int | None = None, device: str = "auto") -> Topology:
@@ -95,9 +66,9 @@ def inference_topology(tensor_parallel: int | None = None, device: str = "auto")
     return Topology(config, device="cpu" if device == "cpu" else None)  # None: the world's own device choice
 
 
-def _load_tokenizer(checkpoint: Path, config: dict[str, Any]) -> Tokenizer | None:
-    candidates = [checkpoint / TOKENIZER_FILE]
-    data = config.get("data")
+def _load_tokenizer(run: SavedRun) -> Tokenizer | None:
+    candidates = [run.path / TOKENIZER_FILE]
+    data = run.config.get("data")
     if isinstance(data, dict) and data.get("tokenizer"):
         candidates.append(Path(data["tokenizer"]))
     for path in candidates:
@@ -122,12 +93,12 @@ def load_model(
     """
     if dtype not in _PRECISION_NAMES:
         raise ValueError(f"inference dtype must be one of {sorted(map(str, _PRECISION_NAMES))}, got {dtype}")
-    base = find_checkpoint(checkpoint)
-    architecture = architecture_of(base)
-    adapter_dir = find_checkpoint(adapters) if adapters is not None else None
-    finetuning = _finetuning_of(adapter_dir if adapter_dir is not None else base)
-    if adapter_dir is not None and finetuning is None:
-        raise CheckpointError(f"{adapter_dir} records no finetuning config: it is not an adapter checkpoint")
+    base = SavedRun.read(checkpoint)
+    architecture = base.architecture
+    overlay = SavedRun.read(adapters) if adapters is not None else None
+    finetuning = (overlay or base).finetuning
+    if overlay is not None and finetuning is None:
+        raise CheckpointError(f"{overlay.path} records no finetuning config: it is not an adapter checkpoint")
     topology = topology or inference_topology()
     if topology.pp_size != 1 or topology.dp_size != 1:
         raise ValueError(
@@ -143,17 +114,17 @@ def load_model(
     )
     # A full checkpoint of a finetuned model holds its adapter weights; a base checkpoint under an adapter
     # checkpoint does not, and the adapter checkpoint then fills them in (and must hold every one).
-    load_checkpoint(base, module, missing="keep_initialised" if adapter_dir is not None else "error")
-    if adapter_dir is not None:
-        _load_adapters(adapter_dir, module)
+    load_checkpoint(base.path, module, missing="keep_initialised" if overlay is not None else "error")
+    if overlay is not None:
+        _load_adapters(overlay.path, module)
     if merge:
         merge_lora(module)
     module.eval()
     module.requires_grad_(False)
-    tokenizer = _load_tokenizer(base, _run_config(base))
-    if tokenizer is None and adapter_dir is not None:
-        tokenizer = _load_tokenizer(adapter_dir, _run_config(adapter_dir))
-    return LoadedModel(module, architecture, finetuning, tokenizer, base)
+    tokenizer = _load_tokenizer(base)
+    if tokenizer is None and overlay is not None:
+        tokenizer = _load_tokenizer(overlay)
+    return LoadedModel(module, architecture, finetuning, tokenizer, base.path)
 
 
 def _load_adapters(adapter_dir: Path, module: ParallelModule) -> None:
