@@ -122,12 +122,15 @@ class FlatShard:
     def squared_norm(self, counted: set[int]) -> torch.Tensor:
         """Sum of squares of this share's gradient over the parameters in ``counted`` (ids)."""
         assert self.master.grad is not None
-        total = torch.zeros((), dtype=torch.float32, device=self.master.device)
-        for piece in self.pieces:
-            if id(piece.param) in counted:
-                at = piece.flat_start + piece.lo - self.start
-                total += self.master.grad[at : at + piece.hi - piece.lo].pow(2).sum()
-        return total
+        grad = self.master.grad
+        slices = [
+            grad[piece.flat_start + piece.lo - self.start : piece.flat_start + piece.hi - self.start]
+            for piece in self.pieces
+            if id(piece.param) in counted
+        ]
+        if not slices:
+            return torch.zeros((), dtype=torch.float32, device=self.master.device)
+        return torch.stack(torch._foreach_norm(slices, 2.0)).pow(2).sum()  # one multi-tensor kernel
 
     def _aliased(self) -> bool:
         """Whether every parameter still is its view of the master (code may have replaced ``.data``)."""

@@ -16,14 +16,14 @@ the first cache slots; callers never see it.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from scaling.core.nn import gather_from_tp
 from scaling.transformer.finetuning.apply import WithAdapter, WithSoftPrompt
 from scaling.transformer.inference.loading import LoadedModel
 from scaling.transformer.model.attention import Attention
 from scaling.transformer.model.layers import DecoderLayer, EmbeddingLayer, LMHead
-from scaling.transformer.model.rope import apply_rotary, rotary_tables
+from scaling.transformer.model.rope import rotary_tables
 
 __all__ = ["InferenceModel", "KVCache"]
 
@@ -147,11 +147,8 @@ class InferenceModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the real vocabulary (padding rows dropped) ``[..., vocab]``, in float32, on every rank."""
         local = nn.functional.linear(hidden, self.head.weight)  # [..., vocab / tp]
-        if self.topology.tp_size > 1:
-            parts = [torch.empty_like(local) for _ in range(self.topology.tp_size)]
-            dist.all_gather(parts, local.contiguous(), group=self.topology.tp_group)
-            local = torch.cat(parts, dim=-1)
-        return local[..., : self.vocab_size].float()
+        full = gather_from_tp(local, self.topology.tp_group)  # [..., padded vocab]
+        return full[..., : self.vocab_size].float()
 
     def forward(
         self,
@@ -190,18 +187,11 @@ def _cached_attention(
 ) -> torch.Tensor:
     """The attention block of a decoder layer (its adapter included), reading and filling the cache."""
     attention = _core(block)
-    b, s, d = x.shape[0], x.shape[1], attention.head_dim
-    q = attention.query(x).view(b, s, attention.heads_local, d).transpose(1, 2)  # [b, h_local, s, d]
-    kv = attention.key_value(x).view(b, s, -1, 2, d)  # [b, s, kv_local (or all kv when replicated), 2, d]
-    if attention.kv_replicated:
-        kv = kv[:, :, attention.kv_head_index : attention.kv_head_index + 1]
-    k, v = kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)  # [b, kv_local, s, d]
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k, v = attention.project_qkv(x, cos, sin)  # [b, h_local, s, d], [b, kv_local, s, d] x2
     if cache is not None:
         k, v = cache.update(layer, k, v, start)  # [b, kv_local, start + s, d]
     out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [b, h, s, d]
-    out = out.transpose(1, 2).reshape(b, s, attention.heads_local * d)
-    result: torch.Tensor = attention.dense(out)  # summed over tp ranks
+    result = attention.project_out(out)  # summed over tp ranks
     if isinstance(block, WithAdapter):
         result = block.adapter(result)
     return result

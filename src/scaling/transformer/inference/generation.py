@@ -97,7 +97,7 @@ def generate(
     if config.repetition_penalty != 1.0:  # the prompt's real tokens (padding must not mark token 0 as unseen)
         rows = torch.arange(batch, device=device).unsqueeze(1).expand_as(tokens)
         seen[rows[valid], tokens[valid]] = True
-    stop_ids = torch.tensor(config.stop_tokens, dtype=torch.long, device=device)
+    stop_ids = set(config.stop_tokens)
 
     cache = model.new_cache(batch, prompt_len + config.max_new_tokens) if config.use_cache else None
     logits = model.forward(tokens, positions, valid, cache, 0, last_only=True)[:, -1]  # [b, vocab]
@@ -113,14 +113,13 @@ def generate(
         )  # fmt: skip
         if config.repetition_penalty != 1.0:
             seen[torch.arange(batch, device=device), chosen] = True
-        hit_stop = torch.isin(chosen, stop_ids).tolist() if len(config.stop_tokens) else [False] * batch
-        for row, token in enumerate(chosen.tolist()):
+        for row, token in enumerate(chosen.tolist()):  # the step's one host sync: stops and streaming need it
             if reasons[row] is not None:
                 continue
             outputs[row].append(token)
             if on_token is not None:
                 on_token(row, token)
-            if hit_stop[row]:
+            if token in stop_ids:
                 reasons[row] = "stop_token"
             elif config.stop_strings:
                 assert model.tokenizer is not None

@@ -90,19 +90,29 @@ class Attention(nn.Module):
         )
         self.topology = topology
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def project_qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries ``[b, h_local, s, d]`` and keys, values ``[b, kv_local, s, d]`` of this rank's heads.
+
+        Shared with incremental decoding (:mod:`scaling.transformer.inference.decoder`), which only
+        replaces the attention core between this and :meth:`project_out`.
+        """
         b, s = x.shape[0], cos.shape[1]  # x: [b, s, hidden], or [b, s / tp, hidden] under sequence parallelism
         q = self.query(x).view(b, s, self.heads_local, self.head_dim).transpose(1, 2)  # [b, h_local, s, d]
         kv = self.key_value(x).view(b, s, -1, 2, self.head_dim)  # [b, s, kv_all_or_local, 2, d]
         if self.kv_replicated:
             kv = kv[:, :, self.kv_head_index : self.kv_head_index + 1]
         k, v = kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)  # [b, kv_local, s, d]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project_qkv(x, cos, sin)
         kernel = self.config.attention_kernel
         p = self.config.attention_dropout if self.training else 0.0
         if kernel == "torch" and p == 0:  # SDPA reads each kv head for its query group: no repeated copies
             out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-            return self._project_out(out, b, s)
+            return self.project_out(out)
         repeat = self.heads_local // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # [b, h_local, s, d]
         if kernel == "reference":
@@ -111,9 +121,11 @@ class Attention(nn.Module):
             out = _flash(q, k, v, self.config.attention_dropout if self.training else 0.0)
         else:  # SDPA's own dropout is not layout-invariant: use the reference math for it
             out = reference_attention(q, k, v, mask, self.attention_dropout)
-        return self._project_out(out, b, s)
+        return self.project_out(out)
 
-    def _project_out(self, out: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[b, h_local, s, d]`` -> ``[b, s(/tp under SP), hidden]``, summed over tp ranks."""
+        b, _, s, _ = out.shape
         out = out.transpose(1, 2).reshape(b, s, self.heads_local * self.head_dim)  # [b, s, h_local * d]
         result: torch.Tensor = self.dense(out)  # [b, s(/tp under SP), hidden], summed over tp ranks
         return result
