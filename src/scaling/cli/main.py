@@ -9,13 +9,30 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from scaling import __version__
 
 __all__ = ["build_parser", "main"]
 
 DEFAULT_TEMPLATE_CLASS = "scaling.core.engine_config:EngineConfig"
+
+# Sub-commands that parse their own arguments (and their own --help): name -> (summary, module with main).
+DELEGATED = {
+    "launch": (
+        "Start the processes of a config's topology (locally, over pdsh/ssh, or with Slurm).",
+        "scaling.core.runner.command_line",
+    ),
+    "train": (
+        "Train a transformer on the topology in a config (launches the processes itself).",
+        "scaling.transformer.train",
+    ),
+    "prepare-data": ("Tokenise text or JSONL files into a memory-mapped dataset.", "scaling.transformer.data.prepare"),
+    "generate": (
+        "Continue prompts with a trained checkpoint (KV-cache generation).",
+        "scaling.transformer.inference.cli",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,37 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     template.set_defaults(handler=_config_template)
 
-    launch = commands.add_parser(
-        "launch",
-        help="Start the processes of a config's topology (locally, over pdsh/ssh, or with Slurm).",
-        description="Start `runner.script` on the topology of CONFIG. See `python -m scaling.core.runner --help`.",
-        add_help=False,
-    )
-    launch.set_defaults(handler=_launch, delegate=True)
-
-    train = commands.add_parser(
-        "train",
-        help="Train a transformer on the topology in a config (launches the processes itself).",
-        description="Run `scaling train --help` for the options.",
-        add_help=False,
-    )
-    train.set_defaults(handler=_train, delegate=True)
-
-    prepare = commands.add_parser(
-        "prepare-data",
-        help="Tokenise text or JSONL files into a memory-mapped dataset.",
-        description="Run `scaling prepare-data --help` for the options.",
-        add_help=False,
-    )
-    prepare.set_defaults(handler=_prepare_data, delegate=True)
-
-    generate = commands.add_parser(
-        "generate",
-        help="Continue prompts with a trained checkpoint (KV-cache generation).",
-        description="Run `scaling generate --help` for the options.",
-        add_help=False,
-    )
-    generate.set_defaults(handler=_generate, delegate=True)
+    for name, (summary, _) in DELEGATED.items():
+        delegated = commands.add_parser(
+            name, help=summary, description=f"Run `scaling {name} --help` for the options.", add_help=False
+        )
+        delegated.set_defaults(handler=_delegate, delegate=True)
     _add_convert_parser(commands)
     return parser
 
@@ -127,28 +118,11 @@ def _config_template(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch(args: argparse.Namespace) -> int:
-    from scaling.core.runner.command_line import main as runner_main
-
-    return runner_main(list(args.rest), prog="scaling launch")
-
-
-def _train(args: argparse.Namespace) -> int:
-    from scaling.transformer.train import main as train_main
-
-    return train_main(list(args.rest))
-
-
-def _prepare_data(args: argparse.Namespace) -> int:
-    from scaling.transformer.data.prepare import main as prepare_main
-
-    return prepare_main(list(args.rest))
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from scaling.transformer.inference.cli import main as generate_main
-
-    return generate_main(list(args.rest))
+def _delegate(args: argparse.Namespace) -> int:
+    """Hand the rest of the command line to the sub-command's own ``main`` (imported only now)."""
+    module_name = DELEGATED[args.command][1]
+    run: Callable[..., int] = importlib.import_module(module_name).main
+    return int(run(list(args.rest), prog=f"scaling {args.command}"))
 
 
 def _convert_errors() -> tuple[type[Exception], ...]:
