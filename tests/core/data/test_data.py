@@ -118,10 +118,12 @@ def _loader_run(layout: dict[str, Any], steps: int, resume_after: int | None, wo
     for step in range(steps):
         if resume_after is not None and step == resume_after:
             state = loader.state_dict()
+            loader.close()
             loader = DistributedDataLoader(_Counting(20), topo, seed=5, num_workers=workers)
             loader.load_state_dict(state)
         batches = loader.next_batches()
         seen.append([None if b is None else b["x"][:, 0].tolist() for b in batches])
+    loader.close()  # stop the reader processes (num_workers > 0) before the rank exits
     return {"coord": (topo.pp_rank, topo.dp_rank, topo.tp_rank), "seen": seen, "reads": dataset.reads}
 
 

@@ -6,11 +6,18 @@ rank d takes the d-th contiguous share and splits it into micro-batches, so the 
 training) does not depend on dp. Only tensor-parallel rank 0 reads; it broadcasts each micro-batch to its
 tp group. Stages between the first and the last pipeline stage read nothing (they receive activations).
 The position is one integer (samples consumed), saved in and restored from checkpoints.
+
+Background reader processes (``num_workers > 0``) are forked from the rank, so torch's watchdog ends them
+when the rank dies, and are shut down by ``close()``, by leaving a ``with`` block, when the loader is
+garbage collected, and at interpreter exit: a finished run or test leaves no process behind.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import weakref
 from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -18,6 +25,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from scaling.core.data.dataset import Dataset
+from scaling.core.data.memory_map import DataFileError
 from scaling.core.pipeline.p2p import ActivationHeader, decode_dtype
 from scaling.core.topology.topology import Topology
 
@@ -52,6 +60,17 @@ def broadcast_pytree(value: Any, src: int, group: dist.ProcessGroup, device: tor
     return pytree.tree_unflatten(tensors, pytree.treespec_loads(received.spec))
 
 
+# Forked workers are children of the rank, so torch's worker watchdog ends them when the rank dies; a
+# forkserver (what a rank started by a forkserver inherits) would be their parent and outlive the rank.
+_WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+def _shutdown_workers(workers: Iterator[Any]) -> None:
+    shutdown = getattr(workers, "_shutdown_workers", None)  # torch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
+
+
 class _Indexable(torch.utils.data.Dataset[Any]):
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -84,13 +103,16 @@ class DistributedDataLoader:
         self.micro_batches = config.micro_batches
         self.global_batch = config.global_batch
         if len(dataset) < self.global_batch:
-            raise ValueError(
-                f"the dataset has {len(dataset)} samples, fewer than one global batch ({self.global_batch})"
+            source = getattr(dataset, "source", None) or type(dataset).__name__
+            raise DataFileError(
+                f"{source}: {len(dataset)} samples, fewer than one global batch ({self.global_batch} = micro batch "
+                f"{self.micro_batch_size} x {self.micro_batches} micro-batches x data parallel)"
             )
         self.consumed = 0  # samples consumed over all epochs (all data-parallel ranks together)
         self._order_epoch = -1
         self._order: torch.Tensor | None = None
         self._workers: Iterator[Any] | None = None  # worker-process reader, started at self.consumed
+        self._stop_workers: weakref.finalize[Any, Any] | None = None  # shuts the reader's processes down, once
 
     @property
     def steps_per_epoch(self) -> int:
@@ -129,8 +151,11 @@ class DistributedDataLoader:
                 batch_sampler=self._micro_batch_indices_from(self.consumed),
                 collate_fn=self.dataset.collate,
                 num_workers=self.num_workers,
+                multiprocessing_context=_WORKER_START,
             )
             self._workers = iter(loader)
+            # Not a method of self: the finalizer must not keep the loader alive.
+            self._stop_workers = weakref.finalize(self, _shutdown_workers, self._workers)
         return [next(self._workers) for _ in indices]
 
     def _reads(self) -> bool:
@@ -164,4 +189,19 @@ class DistributedDataLoader:
                 f"({self.global_batch}): the global batch size changed"
             )
         self.consumed = int(state["consumed"])
-        self._workers = None  # restart the readers at the restored position
+        self.close()  # restart the readers at the restored position
+
+    def close(self) -> None:
+        """Stop the background reader processes (if any); reading again later starts new ones."""
+        if self._stop_workers is not None:
+            self._stop_workers()
+        self._stop_workers = None
+        self._workers = None
+
+    def __enter__(self) -> DistributedDataLoader:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,5 +1,6 @@
 """Memory-mapped token storage: ``PREFIX.bin`` (all tokens, back to back), ``PREFIX.idx`` (int64 document
-offsets, one more than documents) and ``PREFIX.json`` (dtype, counts, format version).
+offsets, one more than documents) and ``PREFIX.json`` (dtype, counts, format version, the vocabulary size
+and whatever else the writer was given to record, e.g. which tokenizer produced the ids).
 
 Reading maps the files and never loads them: a document or a fixed-length window of tokens (crossing
 document boundaries) is a slice of the map. Tokens are uint16 when the vocabulary fits, else uint32.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,10 +38,12 @@ class MemoryMapWriter:
     prefix and an interrupted write leaves nothing behind under the final names.
     """
 
-    def __init__(self, prefix: str | Path, vocab_size: int) -> None:
+    def __init__(self, prefix: str | Path, vocab_size: int, metadata: Mapping[str, Any] | None = None) -> None:
+        """``metadata`` (JSON-serialisable) is recorded in ``PREFIX.json`` next to the counts."""
         self.prefix = Path(prefix)
         self.dtype = token_dtype_for(vocab_size)
         self.vocab_size = vocab_size
+        self.metadata = dict(metadata or {})
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin_tmp = Path(f"{self.prefix}.bin.tmp{os.getpid()}")
         self._bin = self._bin_tmp.open("wb")
@@ -69,6 +72,7 @@ class MemoryMapWriter:
             "documents": len(self._offsets) - 1,
             "tokens": self._offsets[-1],
             "vocab_size": self.vocab_size,
+            **self.metadata,
         }
         meta_tmp = Path(f"{self.prefix}.json.tmp{os.getpid()}")
         meta_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -101,8 +105,10 @@ class MemoryMapDataset:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             self.dtype = np.dtype(meta["dtype"])
             documents, tokens = int(meta["documents"]), int(meta["tokens"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
             raise DataFileError(f"{meta_path} is not a valid data meta file: {exc}") from None
+        self.meta: dict[str, Any] = meta
+        self.meta_path = meta_path
         if idx_path.stat().st_size != 8 * (documents + 1):
             raise DataFileError(
                 f"{idx_path} holds {idx_path.stat().st_size} bytes, expected {8 * (documents + 1)} "
@@ -115,8 +121,21 @@ class MemoryMapDataset:
         self.offsets = np.memmap(idx_path, dtype=np.int64, mode="r")
         if self.offsets[0] != 0 or self.offsets[-1] != tokens or np.any(np.diff(self.offsets) < 0):
             raise DataFileError(f"{idx_path}: document offsets are not a valid index of {tokens} tokens")
-        self.tokens: np.memmap[Any, Any] = np.memmap(bin_path, dtype=self.dtype, mode="r")
+        # An empty file cannot be mapped; a prefix of empty documents is still a valid (empty) stream.
+        self.tokens: np.ndarray[Any, Any] = (
+            np.memmap(bin_path, dtype=self.dtype, mode="r") if tokens else np.zeros(0, dtype=self.dtype)
+        )
         self.documents, self.token_count = documents, tokens
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The vocabulary size the writer recorded (None for files written without it)."""
+        value = self.meta.get("vocab_size")
+        return int(value) if isinstance(value, int) else None
+
+    def max_token(self) -> int:
+        """The largest token id in the file (reads all tokens: for files that do not record a vocabulary)."""
+        return int(self.tokens.max()) if self.token_count else -1
 
     def __len__(self) -> int:
         return self.documents
