@@ -23,6 +23,7 @@ from scaling.core.config import ConfigError
 from scaling.transformer.config import TransformerConfig
 from scaling.transformer.data.prepare import prepare_data
 from scaling.transformer.data.tokenizer import Tokenizer
+from scaling.transformer.data.train_tokenizer import train_bpe_tokenizer
 from scaling.transformer.inference.cli import main as generate_main
 from scaling.transformer.train import main as train_main
 
@@ -47,24 +48,10 @@ def corpus_files() -> list[Path]:
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, path: Path) -> Tokenizer:
+    """What ``scaling train-tokenizer FILES --vocab-size N --output PATH`` does, cached in ``path``."""
     if path.is_file():
         return Tokenizer.from_file(path)
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tokenizer = HFTokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train([str(f) for f in files], trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path))
-    return Tokenizer.from_file(path)
+    return train_bpe_tokenizer(files, vocab_size, path)
 
 
 def losses(log_dir: Path) -> list[float]:

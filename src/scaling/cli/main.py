@@ -28,6 +28,10 @@ DELEGATED = {
         "scaling.transformer.train",
     ),
     "prepare-data": ("Tokenise text or JSONL files into a memory-mapped dataset.", "scaling.transformer.data.prepare"),
+    "train-tokenizer": (
+        "Train a byte-level BPE tokenizer on text files (writes a tokenizer.json).",
+        "scaling.transformer.data.train_tokenizer",
+    ),
     "generate": (
         "Continue prompts with a trained checkpoint (KV-cache generation).",
         "scaling.transformer.inference.cli",

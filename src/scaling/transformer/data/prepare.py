@@ -3,7 +3,9 @@
 Inputs are plain text files (one document per file) or JSONL files (one document per line, text in
 ``--field``, default ``text``). Documents are tokenised in batches by ``tokenizers`` (which runs in
 parallel threads), an EOS token is appended to each, and the result is written with the memory-map
-writer; a summary (documents, tokens, seconds) is printed at the end.
+writer, which records the tokenizer (path, fingerprint, vocabulary size) in ``PREFIX.json`` so training can
+check that the model and its tokenizer fit the data; a summary (documents, tokens, seconds) is printed at the
+end. An existing dataset under PREFIX is never replaced unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from tqdm import tqdm
 from scaling.core.data import MemoryMapWriter
 from scaling.transformer.data.tokenizer import Tokenizer, TokenizerError
 
-__all__ = ["PrepareSummary", "iter_documents", "main", "prepare_data"]
+__all__ = [
+    "InputError",
+    "PrepareSummary",
+    "existing_dataset_files",
+    "iter_documents",
+    "main",
+    "prepare_data",
+    "refuse_overwrite",
+]
 
 _BATCH = 256
 
@@ -58,14 +68,33 @@ def iter_documents(path: Path, field: str) -> Iterator[str]:
             yield record[field]
 
 
+def existing_dataset_files(prefix: Path) -> list[Path]:
+    """The files of a dataset already under ``prefix`` (any of PREFIX.bin/.idx/.json)."""
+    return [path for path in (Path(f"{prefix}{s}") for s in (".bin", ".idx", ".json")) if path.exists()]
+
+
+def refuse_overwrite(prefix: Path, overwrite: bool) -> None:
+    existing = existing_dataset_files(prefix)
+    if existing and not overwrite:
+        raise InputError(f"{existing[0]} already exists: refusing to overwrite the dataset {prefix} (give --overwrite)")
+
+
 def prepare_data(
-    inputs: Sequence[Path], tokenizer: Tokenizer, output: Path, *, field: str = "text", progress: bool = False
+    inputs: Sequence[Path],
+    tokenizer: Tokenizer,
+    output: Path,
+    *,
+    field: str = "text",
+    progress: bool = False,
+    overwrite: bool = False,
 ) -> PrepareSummary:
+    refuse_overwrite(output, overwrite)
     eos = tokenizer.require_eos()
     start = time.perf_counter()
     documents = tokens = 0
     bar = tqdm(desc="documents", unit="doc", disable=not progress)
-    with MemoryMapWriter(output, vocab_size=tokenizer.vocab_size) as writer:
+    metadata = {"tokenizer": tokenizer.description()}
+    with MemoryMapWriter(output, vocab_size=tokenizer.vocab_size, metadata=metadata) as writer:
         batch: list[str] = []
 
         def flush() -> None:
@@ -96,10 +125,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "scaling prepare-data") 
     parser.add_argument("--tokenizer", required=True, type=Path, help="A tokenizer.json (Hugging Face tokenizers).")
     parser.add_argument("--output", required=True, type=Path, help="Output prefix: PREFIX.bin/.idx/.json.")
     parser.add_argument("--field", default="text", help="JSONL field holding the text (default: text).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing dataset under PREFIX.")
     args = parser.parse_args(argv)
     try:
+        refuse_overwrite(args.output, args.overwrite)  # before reading the tokenizer or any input
         tokenizer = Tokenizer.from_file(args.tokenizer)
-        summary = prepare_data(args.inputs, tokenizer, args.output, field=args.field, progress=sys.stderr.isatty())
+        summary = prepare_data(
+            args.inputs,
+            tokenizer,
+            args.output,
+            field=args.field,
+            progress=sys.stderr.isatty(),
+            overwrite=args.overwrite,
+        )
     except (InputError, TokenizerError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

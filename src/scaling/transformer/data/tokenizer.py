@@ -1,13 +1,17 @@
 """A thin wrapper over Hugging Face ``tokenizers``: load a ``tokenizer.json``, encode, decode, special ids.
 
 ``tokenizers`` does the work (fast, Rust); this class only fixes the few things training needs: which
-ids are EOS/BOS/PAD, and a clear error when the file is missing or not a tokenizer.
+ids are EOS/BOS/PAD, a clear error when the file is missing or not a tokenizer, and a fingerprint that
+data files and checkpoints record, so ids made by one tokenizer are never read with another.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -50,6 +54,16 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokenizer's canonical JSON: equal for the same tokenizer however it was saved."""
+        canonical = json.dumps(json.loads(self.tokenizer.to_str()), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def description(self) -> dict[str, Any]:
+        """What a data file records about the tokenizer that made its ids."""
+        return {"path": str(Path(self.source).resolve()), "sha256": self.fingerprint, "vocab_size": self.vocab_size}
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
