@@ -62,7 +62,7 @@ def test_pdsh_commands_for_two_nodes(tmp_path: Path) -> None:
     plan = plan_launch(config, 8, python="/venv/bin/python", cwd="/work/run", env=ENV)
     remote = (
         "cd /work/run && export NCCL_DEBUG=INFO && export HF_HOME='/data/hf cache' && "
-        "python -m torch.distributed.run --nnodes=2 --node-rank=%n --nproc-per-node=4 --master-addr=worker-0 "
+        "python -m scaling.core.runner.agent --nnodes=2 --node-rank=%n --nproc-per-node=4 --master-addr=worker-0 "
         "--master-port=6000 --max-restarts=0 train.py cfg.yml"
     )
     assert plan.argv == ["pdsh", "-S", "-R", "ssh", "-f", "1024", "-w", "worker-0,worker-1", remote]
@@ -86,7 +86,7 @@ def test_pdsh_docker_wraps_the_launcher(tmp_path: Path) -> None:
     assert node1[13:16] == ["-w", "/work/run", "scaling:latest"]
     assert node1[16:18] == ["bash", "-c"]
     assert node1[18] == (
-        "python -m torch.distributed.run --nnodes=2 --node-rank=1 --nproc-per-node=4 --master-addr=worker-0 "
+        "python -m scaling.core.runner.agent --nnodes=2 --node-rank=1 --nproc-per-node=4 --master-addr=worker-0 "
         "--master-port=29500 --max-restarts=0 train.py cfg.yml"
     )
 
@@ -127,7 +127,7 @@ def test_slurm_script_for_two_nodes(tmp_path: Path) -> None:
     assert srun.startswith("srun --kill-on-bad-exit=1 bash -c '")
     inner = shlex.split(srun)[-1]  # single-quoted: every node expands $SLURM_NODEID itself
     assert inner == (
-        "python -m torch.distributed.run --nnodes=$SLURM_NNODES --node-rank=$SLURM_NODEID --nproc-per-node=4 "
+        "python -m scaling.core.runner.agent --nnodes=$SLURM_NNODES --node-rank=$SLURM_NODEID --nproc-per-node=4 "
         "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID --max-restarts=0 "
         f"--log-dir={logs} --tee=3 train.py cfg.yml"
     )
@@ -149,7 +149,7 @@ def test_slurm_without_hosts_takes_nodes_from_gpus_per_node() -> None:
 def test_local_command() -> None:
     plan = plan_launch(RunnerConfig(script="pkg.train", script_args=["a.yml"]), 4, python="py", cwd="/x", env={})
     assert plan.argv == [
-        "py", "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=4", "--standalone",
+        "py", "-m", "scaling.core.runner.agent", "--nnodes=1", "--nproc-per-node=4", "--standalone",
         "--max-restarts=0", "-m", "pkg.train", "a.yml",
     ]  # fmt: skip
     fixed = plan_launch(RunnerConfig(master_port=7000, max_restarts=2), 2, python="py", cwd="/x", env={})

@@ -1,8 +1,8 @@
 """Pure construction of the command lines that start a run: no processes are started here.
 
-One ``torch.distributed.run`` (PyTorch's elastic launcher, "torchrun") per node starts that node's
-processes and handles rendezvous, restarts and per-rank logs. What differs between runners is only how
-that launcher gets started on each node:
+One ``torch.distributed.run`` (PyTorch's elastic launcher, "torchrun", run by ``scaling.core.runner.agent``)
+per node starts that node's processes and handles rendezvous, restarts and per-rank logs. What differs
+between runners is only how that launcher gets started on each node:
 
 * local: directly;
 * pdsh: ``pdsh -w host0,host1 '<cd; export; torchrun --node-rank=%n ...>'`` (pdsh replaces %n by the
@@ -24,6 +24,9 @@ from scaling.core.runner.config import DEFAULT_MASTER_PORT, RunnerConfig, Runner
 from scaling.core.runner.hostfile import Host, read_hostfile
 
 __all__ = ["LaunchPlan", "NodeCommand", "plan_launch"]
+
+# torchrun inside a process that dies with its parent and reports the first failure once (see its docstring).
+_LAUNCHER = "scaling.core.runner.agent"
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def _torchrun(python: str, launcher_args: list[str], config: RunnerConfig) -> st
     ``launcher_args`` are flags whose values need no quoting (numbers, host names) or must stay unquoted
     (pdsh's %n, Slurm's $SLURM_NODEID, expanded on the node itself); everything else is quoted.
     """
-    head = [shlex.quote(python), "-m", "torch.distributed.run", *launcher_args]
+    head = [shlex.quote(python), "-m", _LAUNCHER, *launcher_args]
     return " ".join(head + [shlex.quote(flag) for flag in _common_flags(config)]) + " " + shlex.join(_script(config))
 
 
@@ -122,7 +125,7 @@ def plan_launch(config: RunnerConfig, world_size: int, *, python: str, cwd: str,
             rendezvous = ["--standalone"]  # the launcher picks a free port: no clash with another local run
         else:
             rendezvous = [f"--master-addr={config.master_addr or '127.0.0.1'}", f"--master-port={config.master_port}"]
-        argv = [python, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}", *rendezvous]
+        argv = [python, "-m", _LAUNCHER, "--nnodes=1", f"--nproc-per-node={nproc}", *rendezvous]
         return LaunchPlan(argv=argv + _common_flags(config) + _script(config))
 
     hosts = _hosts(config)

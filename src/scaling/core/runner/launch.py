@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import TextIO
 
 from scaling.core.config import ConfigError
 from scaling.core.runner.commands import LaunchPlan, plan_launch
 from scaling.core.runner.config import RunnerConfig, RunnerType
+from scaling.core.runner.lifetime import die_with_parent
 
 __all__ = ["launch", "plan_for_this_machine"]
 
@@ -32,7 +36,8 @@ def plan_for_this_machine(config: RunnerConfig, world_size: int) -> LaunchPlan:
 def launch(config: RunnerConfig, world_size: int, dry_run: bool = False, *, out: TextIO | None = None) -> int:
     """Start ``world_size`` processes as ``config`` says; returns the launcher's exit code.
 
-    Local runs return the exit code of ``torch.distributed.run`` (non-zero when any rank failed), pdsh runs
+    Local runs return the exit code of ``torch.distributed.run`` (run by ``scaling.core.runner.agent``:
+    non-zero when any rank failed, 2 when for bad input), pdsh runs
     the largest exit code over the nodes, Slurm runs that of ``sbatch`` (the job itself runs later). With
     ``dry_run`` the commands (and the sbatch script) are written to ``out`` (stdout) and 0 is returned.
 
@@ -59,19 +64,35 @@ def launch(config: RunnerConfig, world_size: int, dry_run: bool = False, *, out:
 
 
 def _run(argv: list[str]) -> int:
-    """Run ``argv`` to completion, also when interrupted.
+    """Run ``argv`` to completion; SIGTERM and SIGINT are passed on to it, once.
 
-    On Ctrl-C the launcher receives the same SIGINT (same process group) and stops its workers itself; killing
-    it right away (as ``subprocess.run`` does after a short grace period) would leave the workers orphaned.
-    A second Ctrl-C kills it.
+    The launcher runs in its own session, so a Ctrl-C in the terminal reaches it only through this process
+    (torchrun shuts down on the first signal it gets; a second one during that shutdown would abort the
+    workers' final save). It dies with this process, however this one ends (``kill -9`` too), and takes the
+    workers with it (see ``scaling.core.runner.lifetime``). A second signal kills the launcher at once.
     """
-    process = subprocess.Popen(argv)
+    parent = os.getpid()
+    process = subprocess.Popen(
+        argv, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM, expected_parent=parent)
+    )
+    received: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if received:
+            process.kill()
+        else:
+            received.append(signum)
+            process.send_signal(signum)
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+        previous = {s: signal.signal(s, forward) for s in handled}
     try:
         return process.wait()
-    except KeyboardInterrupt:
-        try:
-            return process.wait()
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if process.poll() is None:
+            process.kill()
+            process.wait()

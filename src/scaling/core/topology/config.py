@@ -89,6 +89,12 @@ class TopologyConfig(BaseConfig):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="'auto' uses CUDA (NCCL) when available, else CPU (gloo). 'cuda' fails without a GPU."
     )
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a collective (all-reduce, send/recv, ...) may wait for its peers before the rank "
+        "fails with an error: a rank that stopped or hangs ends the whole run after this long.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -8,11 +8,13 @@ The rank arithmetic lives in :mod:`scaling.core.topology.rank_math`; this class 
 from __future__ import annotations
 
 import os
+import signal
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from scaling.core.runner.lifetime import die_with_parent
 from scaling.core.topology.config import TopologyConfig
 from scaling.core.topology.device import choose_device_for_this_process
 from scaling.core.topology.rank_math import (
@@ -69,7 +71,9 @@ class Topology:
         order) and return the ranks and group this rank belongs to, if any."""
         mine: tuple[list[int], dist.ProcessGroup | None] = ([], None)
         for ranks in groups:
-            group = dist.new_group(ranks)  # collective: every rank creates every group, in the same order
+            # Collective: every rank creates every group, in the same order. The timeout is not inherited
+            # from the world group: without it a stalled peer blocks the others for torch's default.
+            group = dist.new_group(ranks, timeout=timedelta(seconds=self.config.collective_timeout_s))
             if self.global_rank in ranks:
                 mine = (ranks, group)
         return mine
@@ -151,12 +155,18 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(config: TopologyConfig, *, timeout_s: float = 600.0) -> Topology:
+def init_distributed(config: TopologyConfig, *, timeout_s: float | None = None) -> Topology:
     """Initialise ``torch.distributed`` from the launcher's environment and build the topology.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` (set by ``torch.distributed.run``);
-    without them a single process initialises a world of one, so the same code runs unlaunched.
+    without them a single process initialises a world of one, so the same code runs unlaunched. A launched
+    process dies with its launcher (SIGTERM when the launcher exits: it saves and stops like on any SIGTERM).
+    Collectives time out after ``timeout_s`` (default ``config.collective_timeout_s``).
     """
+    if "RANK" in os.environ:
+        die_with_parent(signal.SIGTERM)
+    if timeout_s is None:
+        timeout_s = config.collective_timeout_s
     choice = choose_device_for_this_process(config.device)
     device = torch.device(choice.device)
     if device.type == "cuda":

@@ -1,0 +1,126 @@
+"""``python -m scaling.core.runner.agent [torchrun arguments]``: torchrun, with one job, one lifetime and
+one message.
+
+This is ``torch.distributed.run`` (rendezvous, worker start, restarts, per-rank logs: all unchanged), run
+inside a process that
+
+* dies with its parent (``scaling train``, ``scaling launch``, pdsh, srun): a parent-death SIGTERM makes
+  torchrun stop its workers, which save and exit, instead of training on for hours;
+* gives its workers a report directory (``scaling.core.runner.reports``) and, when ranks fail, prints the
+  first failure once (the rank and the cause; the traceback only for errors that are not bad input) and
+  exits with that rank's code, 2 for bad input, instead of torchrun's per-rank tracebacks and summary;
+* turns a graceful stop (SIGTERM, SIGINT: the workers save and return) into exit code 0 without torchrun's
+  ``SignalException`` traceback.
+
+torchrun's own log lines are silenced unless ``LOGLEVEL`` is set (torchrun's own switch for them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from scaling.core.runner.lifetime import AGENT_PID_ENV, die_with_parent
+from scaling.core.runner.reports import REPORT_DIR_ENV, WorkerReport, done_ranks, read_reports
+
+__all__ = ["main", "summarize_failure"]
+
+
+def _quiet_torchrun() -> None:
+    if "LOGLEVEL" in os.environ:
+        return  # the user asked for torchrun's logs
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+def summarize_failure(reports: Sequence[WorkerReport], exit_codes: Mapping[int, int]) -> tuple[str, int]:
+    """The one message for a failed world and the exit code to return.
+
+    ``reports`` come from the ranks that caught their error (most telling first, see ``read_reports``);
+    ``exit_codes`` are the ranks torchrun saw fail (negative: killed by that signal). An error a rank raised
+    itself explains the failure best; then a rank that died without a word (killed, out of memory); the
+    errors of collectives that only say a peer went away come last.
+    """
+    own = [r for r in reports if not r.collective]
+    if own:
+        return _format(own[0]), own[0].exit_code
+    silent = sorted(rank for rank, code in exit_codes.items() if rank not in {r.rank for r in reports})
+    for rank in silent:
+        code = exit_codes[rank]
+        if code < 0:
+            return f"rank {rank} was killed by {signal.Signals(-code).name}", 1
+    if reports:
+        return _format(reports[0]), reports[0].exit_code
+    for rank in silent:
+        return f"rank {rank} exited with code {exit_codes[rank]}", exit_codes[rank] or 1
+    return "the run failed", 1
+
+
+def _format(report: WorkerReport) -> str:
+    if report.exit_code == 2:
+        return f"rank {report.rank}: {report.message}"
+    head = f"{report.traceback.rstrip()}\n" if report.traceback else ""
+    return f"{head}rank {report.rank} failed: {report.message}"
+
+
+def _local_worker_count(args: Any) -> int | None:
+    value = str(getattr(args, "nproc_per_node", ""))
+    return int(value) if value.isdigit() else None
+
+
+def _after_signal(directory: Path, signum: int, workers: int | None) -> int:
+    """Exit code after torchrun passed ``signum`` on to its workers and waited for them."""
+    reports = read_reports(directory)
+    if reports:
+        message, code = summarize_failure(reports, {})
+        print(message, file=sys.stderr)
+        return code
+    done = done_ranks(directory)
+    if not done:
+        return 128 + signum  # the script does not report (or no rank got to finish): stopped by the signal
+    if workers is not None and len(done) < workers:
+        timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
+        print(
+            f"{workers - len(done)} of {workers} ranks did not stop within the shutdown timeout ({timeout} s, "
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and were killed",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    die_with_parent(signal.SIGTERM)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    _quiet_torchrun()
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))  # type: ignore[no-untyped-call]
+    directory = Path(tempfile.mkdtemp(prefix="scaling-run-"))
+    os.environ[REPORT_DIR_ENV] = str(directory)  # the workers inherit this environment
+    os.environ[AGENT_PID_ENV] = str(os.getpid())
+    try:
+        run(args)  # type: ignore[no-untyped-call]
+        return 0
+    except SignalException as exc:
+        return _after_signal(directory, int(exc.sigval), _local_worker_count(args))
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        message, code = summarize_failure(read_reports(directory), codes)
+        print(message, file=sys.stderr)
+        return code
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
