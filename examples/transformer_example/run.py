@@ -1,4 +1,7 @@
-"""``python -m examples.transformer_example.run [-o key.path=value ...]``: the whole pipeline, no downloads.
+"""``python -m examples.transformer_example.run [CONFIG] [-o key.path=value ...]``: the whole pipeline, no downloads.
+
+CONFIG defaults to the bundled ``examples/transformer_example/config.yml``; another config (a longer run,
+another output directory, another layout) runs the same steps with its own paths and sizes.
 
 1. corpus: the Python standard library's ``.py`` sources on this machine (found via ``sysconfig``);
 2. tokenizer: a byte-level BPE with the config's vocabulary size, trained on that corpus by ``tokenizers``;
@@ -6,8 +9,8 @@
 4. training: ``scaling train config.yml`` on the config's topology (2 processes by default);
 5. generation: ``scaling generate`` continues a prompt with the checkpoint just written (KV cache, greedy).
 
-Steps 1-3 are cached in ``examples/transformer_example/output``; the loss at the start and the end is
-printed from the metrics file.
+Steps 1-3 are cached where the config's ``data`` section points (``examples/transformer_example/output``
+for the bundled config); the loss at the start and the end is printed from the metrics file.
 """
 
 from __future__ import annotations
@@ -62,14 +65,26 @@ def losses(log_dir: Path) -> list[float]:
     return [r["loss"] for r in records if isinstance(r.get("loss"), float)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m examples.transformer_example.run", description=__doc__.split("\n")[0]
     )
+    parser.add_argument(
+        "config", nargs="?", type=Path, default=CONFIG, help=f"Run config (default: the bundled {CONFIG.name})."
+    )
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        config = TransformerConfig.from_yaml(CONFIG, args.override)
+        config = TransformerConfig.from_yaml(args.config, args.override)
+        if config.data.tokenizer is None or len(config.data.prefixes) != 1:
+            raise ConfigError(
+                f"{args.config}: the example trains its own tokenizer and prepares one dataset: "
+                "set data.tokenizer (where to write tokenizer.json) and exactly one data.prefixes entry"
+            )
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -80,13 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(f"{prefix}.json").is_file():
         summary = prepare_data(files, tokenizer, prefix)
         print(f"prepared {summary.documents} files, {summary.tokens} tokens in {summary.seconds:.1f} s -> {prefix}")
-    log_dir = config.logger.log_dir or Path("examples/transformer_example/output/logs")
-    before = len(losses(log_dir))
-    code = train_main([str(CONFIG), *[a for o in args.override for a in ("-o", o)]])
+    log_dir = config.logger.log_dir
+    before = len(losses(log_dir)) if log_dir is not None else 0
+    code = train_main([str(args.config), *[a for o in args.override for a in ("-o", o)]])
     if code != 0:
         return code
-    run = losses(log_dir)[before:]
-    if run:
+    run = losses(log_dir)[before:] if log_dir is not None else []
+    if log_dir is None:
+        print("trained (set logger.log_dir to see the losses)")
+    elif run:
         print(f"loss: {run[0]:.3f} at the start, {run[-1]:.3f} at the end ({len(run)} logged steps)")
     else:
         previous = losses(log_dir)

@@ -21,7 +21,8 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_config_template_is_complete_and_loads_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["config", "template"]) == 0
+    # The default class is now TransformerConfig (tests/cli/test_config_template.py); the engine's is one --class away.
+    assert main(["config", "template", "--class", "scaling.core.engine_config:EngineConfig"]) == 0
     text = capsys.readouterr().out
     for field in ["model_parallel_size:", "pipe_schedule:", "runner_type:", "hostsfile:", "log_dir:", "wandb_mode:"]:
         assert field in text

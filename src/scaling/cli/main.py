@@ -15,7 +15,8 @@ from scaling import __version__
 
 __all__ = ["build_parser", "main"]
 
-DEFAULT_TEMPLATE_CLASS = "scaling.core.engine_config:EngineConfig"
+# What `scaling train` runs: `scaling config template > run.yml`, edit data.prefixes, `scaling train run.yml`.
+DEFAULT_TEMPLATE_CLASS = "scaling.transformer.config:TransformerConfig"
 
 # Sub-commands that parse their own arguments (and their own --help): name -> (summary, module with main).
 DELEGATED = {

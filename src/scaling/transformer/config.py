@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -14,7 +16,12 @@ from scaling.core.runner import RunnerConfig
 from scaling.core.topology import TopologyConfig
 from scaling.core.trainer import TrainerConfig
 from scaling.transformer.finetuning.config import FinetuningConfig
-from scaling.transformer.model.config import TransformerArchitectureConfig, check_against_tensor_parallel
+from scaling.transformer.finetuning.targets import no_match_message, unmatched_targets
+from scaling.transformer.model.config import (
+    TransformerArchitectureConfig,
+    check_against_tensor_parallel,
+    projection_names,
+)
 
 __all__ = ["DataConfig", "TransformerConfig"]
 
@@ -23,7 +30,9 @@ class DataConfig(BaseConfig):
     """Where training data comes from."""
 
     prefixes: list[Path] = Field(
-        default_factory=list, description="Memory-mapped token files (from `scaling prepare-data`) to pretrain on."
+        default_factory=list,
+        description="Memory-mapped token files (from `scaling prepare-data`) to pretrain on.",
+        examples=[["data/my_corpus"]],  # the template's placeholder: `scaling config template`, then edit this
     )
     weights: list[float] | None = Field(None, description="Blend weights of the prefixes; by size when unset.")
     finetuning_jsonl: Path | None = Field(
@@ -66,4 +75,48 @@ class TransformerConfig(BaseConfig):
             check_against_tensor_parallel(self.architecture, self.topology.tp)
         except InvalidCombination as exc:
             raise InvalidCombination(str(exc), *(f"architecture.{f}" for f in exc.fields)) from None
+        _check_pipeline_stages(self.topology, self.architecture)
+        _check_logging_packages(self.logger)
+        if self.finetuning is not None and self.finetuning.lora is not None:
+            names = projection_names(self.architecture)
+            for pattern in unmatched_targets(self.finetuning.lora.targets, names)[:1]:
+                raise InvalidCombination(no_match_message(pattern, names), "finetuning.lora.targets")
         return self
+
+
+def _check_pipeline_stages(topology: TopologyConfig, architecture: TransformerArchitectureConfig) -> None:
+    """Every pipeline stage holds at least one decoder layer (found here, not as a partition error per rank)."""
+    pp, layers = topology.pipe_parallel_size, architecture.num_layers
+    if pp > layers:
+        raise InvalidCombination(
+            f"pipe_parallel_size ({pp}) is larger than num_layers ({layers}): every pipeline stage needs at least "
+            "one layer; lower pipe_parallel_size or add layers",
+            "topology.pipe_parallel_size",
+            "architecture.num_layers",
+        )
+    stages, pieces = pp * topology.virtual_pipe_stages, layers + 2  # the embedding and the head are pieces too
+    if stages > pieces:
+        raise InvalidCombination(
+            f"pipe_parallel_size ({pp}) x virtual_pipe_stages ({topology.virtual_pipe_stages}) = {stages} stages, "
+            f"but the model has only {pieces} pieces to place (num_layers ({layers}) + embedding + head)",
+            "topology.virtual_pipe_stages",
+            "architecture.num_layers",
+        )
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a module object without a spec (e.g. a stand-in in sys.modules)
+        return sys.modules.get(package) is not None
+
+
+def _check_logging_packages(logger: LoggerConfig) -> None:
+    """Optional sinks need their package: checked when the config loads, before any process is launched."""
+    for option in ("wandb", "tensorboard"):
+        if getattr(logger, option) and not _installed(option):
+            raise InvalidCombination(
+                f"{option} is true but the '{option}' package is not installed; install it with: "
+                f"pip install 'scaling[logging]' (or set {option}: false)",
+                f"logger.{option}",
+            )

@@ -2,6 +2,10 @@
 
 Every field appears with its default value and, above it, its description and type, so the template is
 the config reference: ``scaling config template > my_run.yml`` is a valid starting point.
+
+A required section has no default to show, so its fields that declare ``examples`` are rendered with their
+first example instead (marked ``# EDIT``): the template then still loads, and the placeholder says what
+to replace (``data.prefixes`` of a transformer run, for instance).
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ def render_template(model: type[BaseModel]) -> str:
     return "\n".join([*header, *_render_model(model, 0)]) + "\n"
 
 
-def _render_model(model: type[BaseModel], indent: int) -> list[str]:
+def _render_model(model: type[BaseModel], indent: int, *, required: bool = False) -> list[str]:
     lines: list[str] = []
     for name, field in model.model_fields.items():
-        lines.extend(_render_field(name, field, indent))
+        lines.extend(_render_field(name, field, indent, required=required))
     return lines
 
 
-def _render_field(name: str, field: FieldInfo, indent: int) -> list[str]:
+def _render_field(name: str, field: FieldInfo, indent: int, *, required: bool = False) -> list[str]:
+    """``required``: the field sits in a required section, so its example (if any) replaces the default."""
     pad = " " * indent
     description = field.description or ""
     lines = _comment(f"{description} [type: {_type_name(field.annotation)}]", indent)
@@ -43,8 +48,11 @@ def _render_field(name: str, field: FieldInfo, indent: int) -> list[str]:
     if default is PydanticUndefined:
         lines.append(f"{pad}{name}:  # REQUIRED")
         if nested is not None:
-            lines.extend(_render_model(nested, indent + 2))
+            lines.extend(_render_model(nested, indent + 2, required=True))
         return lines
+    if required and field.examples:
+        value = _yaml_value(name, _jsonable(field.examples[0]), indent)
+        return [*lines, *value[:-1], f"{value[-1]}  # EDIT: an example; the default is {_jsonable(default)!r}"]
     if nested is not None and isinstance(default, BaseModel):
         lines.append(f"{pad}{name}:")
         lines.extend(_render_model(type(default), indent + 2))

@@ -136,8 +136,8 @@ def _finetune_config(arch: TransformerArchitectureConfig, dtype: torch.dtype, ou
     header = (
         f"# Finetunes the weights converted into {out_dir}.\n"
         f"# Edit the data paths, then run `scaling train {FINETUNE_CONFIG}`. sequence_length is {sequence_length}\n"
-        f"# (the model allows {arch.sequence_length}); keep the rest of the architecture, or the weights will not\n"
-        "# load. Every option: `scaling config template --class scaling.transformer.config:TransformerConfig`.\n"
+        f"# (the model allows {arch.context_length}: max_position_embeddings, kept on export); keep the rest of\n"
+        "# the architecture, or the weights will not load. Every option: `scaling config template`.\n"
     )
     return header + yaml.safe_dump(config, sort_keys=False)
 

@@ -169,6 +169,11 @@ def save_huggingface(
     arch = base.arch
     check_exportable(arch, f"{base.path / MANIFEST}: config.architecture")
     overlay = _Checkpoint(adapters, "adapters") if adapters is not None else None
+    if overlay is not None and overlay.finetuning is None:  # the same refusal as `scaling generate --adapters`
+        raise ConversionError(
+            f"adapters {overlay.path} records no finetuning config (config.finetuning in {overlay.path / MANIFEST}): "
+            "it is not an adapter checkpoint; pass a checkpoint saved by a LoRA/BitFit finetuning run"
+        )
     if overlay is not None and scaling_tensor_shapes(overlay.arch) != scaling_tensor_shapes(arch):
         raise ConversionError(f"adapters {overlay.path} were trained on a different architecture than {base.path}")
     scale = overlay.lora_scale() if overlay is not None and overlay.lora_scale() is not None else base.lora_scale()
@@ -203,6 +208,6 @@ def save_huggingface(
         if not (staging / "generation_config.json").is_file():
             _write_json(staging / "generation_config.json", {"_from_model_config": True, **token_ids})
         if (staging / "tokenizer.json").is_file() and not (staging / "tokenizer_config.json").is_file():
-            config = _minimal_tokenizer_config(staging / "tokenizer.json", token_ids, arch.sequence_length)
+            config = _minimal_tokenizer_config(staging / "tokenizer.json", token_ids, arch.context_length)
             _write_json(staging / "tokenizer_config.json", config)
     return out_dir

@@ -12,11 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from scaling.core.config import ConfigError
 from scaling.core.nn import ColumnParallelLinear, RowParallelLinear
 from scaling.core.nn.param_meta import init_normal, init_zeros, local_slice_of_init
 from scaling.core.topology import Topology
-from scaling.transformer.finetuning.config import FinetuningConfig
+from scaling.transformer.finetuning.config import FinetuningConfig, LoRAConfig
 from scaling.transformer.finetuning.lora import LoRALinear
+from scaling.transformer.finetuning.targets import matches_target, no_match_message, unmatched_targets
 
 __all__ = ["BottleneckAdapter", "WithAdapter", "WithSoftPrompt", "finetuning_adapter"]
 
@@ -96,17 +98,29 @@ def _is_adapter_parameter(name: str) -> bool:
     return "lora_" in name or ".adapter." in name or name.startswith("adapter.") or name.endswith("soft_prompt")
 
 
+def _wrap_lora_targets(layer: nn.Module, index: int, lora: LoRAConfig) -> None:
+    """Wrap every projection a target names; in a decoder layer, a target that names no module is an error."""
+    found: list[str] = []
+    for parent_name, parent in list(layer.named_modules()):
+        for name, child in list(parent.named_children()):
+            qualified = f"{parent_name}.{name}" if parent_name else name
+            found.append(qualified)
+            hit = any(matches_target(pattern, qualified) for pattern in lora.targets)
+            if hit and isinstance(child, ColumnParallelLinear | RowParallelLinear):
+                seed = 7_000_000 + 1000 * index + sum(map(ord, name))
+                setattr(parent, name, LoRALinear(child, lora.rank, lora.alpha, lora.dropout, seed))
+    if isinstance(getattr(layer, "attention", None), nn.Module):  # a decoder layer: every target must be here
+        projections = [n for n, m in layer.named_modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
+        for pattern in unmatched_targets(lora.targets, found)[:1]:
+            raise ConfigError(f"finetuning.lora.targets: {no_match_message(pattern, projections or found)}")
+
+
 def finetuning_adapter(config: FinetuningConfig, topology: Topology) -> Callable[[nn.Module, int], nn.Module]:
     """A function (layer, layer index) -> adapted layer, freezing everything that is not trained."""
 
     def adapt(layer: nn.Module, index: int) -> nn.Module:
         if config.lora is not None:
-            lora = config.lora
-            for parent in list(layer.modules()):
-                for name, child in list(parent.named_children()):
-                    if name in lora.targets and isinstance(child, ColumnParallelLinear | RowParallelLinear):
-                        seed = 7_000_000 + 1000 * index + sum(map(ord, name))
-                        setattr(parent, name, LoRALinear(child, lora.rank, lora.alpha, lora.dropout, seed))
+            _wrap_lora_targets(layer, index, config.lora)
         if config.adapters is not None:
             for name in ("attention", "mlp"):
                 inner = getattr(layer, name, None)

@@ -17,7 +17,8 @@ class LoRAConfig(BaseConfig):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     targets: list[str] = Field(
         default_factory=lambda: ["query", "key_value", "dense"],
-        description="Names of the projections to adapt: query, key_value, dense (attention), gate, up, down (MLP).",
+        description="Projections to adapt, by name or shell pattern: query, key_value, dense (attention), gate, up, "
+        "down (MLP), or e.g. 'attention.*', 'mlp.*'. A target that matches no module is an error.",
     )
 
 

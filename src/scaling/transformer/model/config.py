@@ -20,7 +20,12 @@ from pydantic import Field, model_validator
 
 from scaling.core.config import BaseConfig, InvalidCombination
 
-__all__ = ["RopeScalingConfig", "TransformerArchitectureConfig", "check_against_tensor_parallel"]
+__all__ = [
+    "RopeScalingConfig",
+    "TransformerArchitectureConfig",
+    "check_against_tensor_parallel",
+    "projection_names",
+]
 
 
 class RopeScalingConfig(BaseConfig):
@@ -50,6 +55,12 @@ class TransformerArchitectureConfig(BaseConfig):
     )
     head_dim: int | None = Field(None, ge=1, description="Width of one head; default hidden_size / heads.")
     sequence_length: int = Field(1024, ge=1, description="Tokens per training sample.")
+    max_position_embeddings: int | None = Field(
+        None,
+        ge=1,
+        description="Longest context the model is meant for (Hugging Face's max_position_embeddings, kept through "
+        "conversion when training on shorter samples); default sequence_length.",
+    )
     rope_base: float = Field(10000.0, gt=0, description="RoPE base (theta).")
     rotary_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of each head's dims that is rotated.")
     rope_scaling: RopeScalingConfig | None = Field(None, description="Llama-3 frequency scaling; none when unset.")
@@ -129,6 +140,11 @@ class TransformerArchitectureConfig(BaseConfig):
         return 64 * math.ceil(self.mlp_factor * self.hidden_size / 64)
 
     @property
+    def context_length(self) -> int:
+        """The context the model supports: max_position_embeddings, and at least what it was trained on."""
+        return max(self.max_position_embeddings or 0, self.sequence_length)
+
+    @property
     def padded_vocab_size(self) -> int:
         return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
 
@@ -162,3 +178,13 @@ def check_against_tensor_parallel(config: TransformerArchitectureConfig, tp: int
             f"the MLP width ({config.mlp_size}) must be divisible by the tensor-parallel size ({tp})",
             "intermediate_size",
         )
+
+
+def projection_names(config: TransformerArchitectureConfig) -> list[str]:
+    """The linear projections of one decoder layer, named as inside it (what LoRA targets can name).
+
+    Kept next to the config so targets are checked when the config loads; building the model checks
+    the real modules again (:func:`scaling.transformer.finetuning.apply.finetuning_adapter`).
+    """
+    mlp = ["mlp.gate", "mlp.up", "mlp.down"] if config.mlp_type == "swiglu" else ["mlp.up", "mlp.down"]
+    return ["attention.query", "attention.key_value", "attention.dense", *mlp]

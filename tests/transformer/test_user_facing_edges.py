@@ -1,0 +1,191 @@
+"""The user-facing edges: the example's positional config, config checks at load time, LoRA targets that
+name nothing, `convert to-hf --adapters` on a non-adapter checkpoint, and conversion keeping the context
+length and RoPE scaling of the original model. Each fails with one message naming the field or file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from scaling.cli.main import main as scaling_main
+from scaling.core.checkpoint import save_checkpoint
+from scaling.core.config import ConfigError
+from scaling.core.optimizer.config import OptimizerConfig
+from scaling.core.optimizer.optimizer import Optimizer
+from scaling.core.topology import Topology
+from scaling.transformer.config import TransformerConfig
+from scaling.transformer.convert import from_huggingface, save_huggingface
+from scaling.transformer.train import main as train_main
+
+from .test_convert import _hf_model, _load, topology  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+transformers = pytest.importorskip("transformers")  # installed with the test extras (as in test_convert.py)
+TINY_ARCH = {
+    "vocab_size": 64, "vocab_multiple": 64, "hidden_size": 16, "num_layers": 2, "num_attention_heads": 4,
+    "num_kv_heads": 2, "intermediate_size": 32, "sequence_length": 16,
+}  # fmt: skip
+
+
+def _run_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "architecture": dict(TINY_ARCH),
+        "trainer": {"train_iterations": 2, "save_dir": str(tmp_path / "ckpt")},
+        "data": {"prefixes": [str(tmp_path / "corpus")]},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    return config
+
+
+def _write(tmp_path: Path, document: dict[str, Any], name: str = "run.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def _one_message(err: str, *needles: str) -> None:
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+# Config checks at load time ------------------------------------------------------------------------
+def test_more_pipeline_stages_than_layers_is_a_config_error_naming_both_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, _run_config(tmp_path, topology={"pipe_parallel_size": 3}))
+    with pytest.raises(ConfigError) as caught:
+        TransformerConfig.from_yaml(path)
+    assert caught.value.problems == [
+        "topology.pipe_parallel_size, architecture.num_layers: pipe_parallel_size (3) is larger than num_layers (2): "
+        "every pipeline stage needs at least one layer; lower pipe_parallel_size or add layers"
+    ]
+    assert train_main([str(path)]) == 2  # before any process is launched
+    _one_message(capsys.readouterr().err, str(path), "topology.pipe_parallel_size", "architecture.num_layers", "(3)")
+
+
+def test_wandb_without_the_package_is_a_config_error_before_launch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed, whatever this machine has
+    path = _write(tmp_path, _run_config(tmp_path, topology={"data_parallel_size": 2}, logger={"wandb": True}))
+    assert train_main([str(path)]) == 2  # a 2-process run: this is the launcher, nothing was started
+    _one_message(capsys.readouterr().err, "logger.wandb", "pip install 'scaling[logging]'")
+
+
+def test_lora_target_that_matches_no_module_names_the_nearest_modules(tmp_path: Path) -> None:
+    config = _run_config(tmp_path)
+    config["finetuning"] = {"lora": {"targets": ["query", "qeury_proj"]}}
+    with pytest.raises(ConfigError) as caught:
+        TransformerConfig.from_dict(config)
+    (problem,) = caught.value.problems
+    assert problem.startswith("finetuning.lora.targets: LoRA target 'qeury_proj' matches no module; nearest module")
+    assert "query" in problem
+    config["finetuning"] = {"lora": {"targets": ["attention.*", "mlp.up"]}}  # patterns that do match load
+    assert TransformerConfig.from_dict(config).finetuning is not None
+
+
+def test_lora_target_that_matches_no_module_fails_when_the_model_is_built(topology: Topology) -> None:  # noqa: F811
+    from scaling.transformer.finetuning.apply import finetuning_adapter
+    from scaling.transformer.finetuning.config import FinetuningConfig
+    from scaling.transformer.model.config import TransformerArchitectureConfig
+    from scaling.transformer.model.layers import transformer_layer_specs
+
+    topo = topology
+    arch = TransformerArchitectureConfig.from_dict({**TINY_ARCH, "mlp_type": "gelu", "intermediate_size": 32})
+    adapt = finetuning_adapter(FinetuningConfig.from_dict({"lora": {"targets": ["gate"]}}), topo)
+    layer = transformer_layer_specs(arch, topo)[1].build()  # a GELU MLP has no gate projection
+    with pytest.raises(ConfigError, match=r"finetuning.lora.targets: LoRA target 'gate' matches no module; nearest"):
+        adapt(layer, 1)
+    wrapped = finetuning_adapter(FinetuningConfig.from_dict({"lora": {"targets": ["mlp.*"]}}), topo)(
+        transformer_layer_specs(arch, topo)[1].build(), 1
+    )
+    assert sorted(n for n, p in wrapped.named_parameters() if p.requires_grad) == [
+        "mlp.down.lora_a", "mlp.down.lora_b", "mlp.up.lora_a", "mlp.up.lora_b",
+    ]  # fmt: skip
+
+
+# Conversion ----------------------------------------------------------------------------------------
+LLAMA3_LONG = {
+    "num_key_value_heads": 1, "rope_theta": 500000.0, "max_position_embeddings": 64,
+    "rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+                     "original_max_position_embeddings": 32},
+}  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_convert_round_trip_through_training_keeps_context_length_and_rope_scaling(
+    tmp_path: Path,
+    topology: Topology,  # noqa: F811
+) -> None:
+    hf = _hf_model(tmp_path / "hf", "llama3", **copy.deepcopy(LLAMA3_LONG))
+    checkpoint = from_huggingface(hf, tmp_path / "scaling")
+    # Finetune on samples shorter than the model's context (max_position_embeddings 64, sequence_length 16).
+    config = TransformerConfig.from_yaml(tmp_path / "scaling" / "finetune.yml", ["architecture.sequence_length=16"])
+    module = _load(topology, checkpoint)
+    module.train()
+    optimizer = Optimizer(module, OptimizerConfig())
+    tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(1))
+    module.train_step([{"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}], step=0)
+    optimizer.step(0)
+    saved = {"architecture": config.architecture.to_dict(), "precision": config.precision.to_dict()}
+    save_checkpoint(tmp_path / "tuned", 1, module, config=saved, files={"tokenizer.json": hf / "tokenizer.json"})
+    out = save_huggingface(tmp_path / "tuned", tmp_path / "out")
+    # Read both as transformers does (the installed version may write rope_parameters instead of rope_scaling).
+    before, after = transformers.LlamaConfig.from_pretrained(hf), transformers.LlamaConfig.from_pretrained(out)
+    assert after.max_position_embeddings == before.max_position_embeddings == 64
+    rope = before.rope_parameters
+    assert rope["rope_type"] == "llama3" and rope["original_max_position_embeddings"] == 32  # the fixture is real
+    for key in ("rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings"):  # fmt: skip
+        assert after.rope_parameters[key] == rope[key], key
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 64
+
+
+@pytest.mark.timeout(120)
+def test_to_hf_refuses_adapters_that_are_not_an_adapter_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hf = _hf_model(tmp_path / "hf", "gqa")
+    from_huggingface(hf, tmp_path / "base")
+    from_huggingface(hf, tmp_path / "other")  # a full checkpoint without finetuning: not adapters
+    capsys.readouterr()  # transformers' progress bars from building the fixture
+    code = scaling_main(["convert", "to-hf", str(tmp_path / "base"), str(tmp_path / "out"),
+                         "--adapters", str(tmp_path / "other")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("scaling convert to-hf: adapters ")
+    _one_message(err, str(tmp_path / "other"), "it is not an adapter checkpoint")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+# The transformer example -----------------------------------------------------------------------------
+@pytest.mark.timeout(240)
+def test_transformer_example_runs_the_config_given_as_positional_argument(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from examples.transformer_example import run
+
+    assert run.build_parser().parse_args([]).config == run.CONFIG  # no argument: the bundled config
+    monkeypatch.setattr(run, "MAX_CORPUS_BYTES", 150_000)  # a small corpus: the pipeline, not the model, is tested
+    config = {
+        "topology": {"micro_batch_size": 2, "gradient_accumulation_steps": 1},
+        "architecture": {**TINY_ARCH, "vocab_size": 320, "sequence_length": 32},
+        "trainer": {"train_iterations": 3, "log_interval": 1, "eval_interval": 100, "save_dir": str(tmp_path / "ckpt")},
+        "data": {"prefixes": [str(tmp_path / "stdlib")], "tokenizer": str(tmp_path / "tokenizer.json")},
+        "logger": {"log_dir": str(tmp_path / "logs")},
+    }  # fmt: skip
+    path = _write(tmp_path, config, "example.yml")
+    assert run.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "stdlib.json").is_file()
+    assert (tmp_path / "ckpt" / "latest").read_text() == "global_step3"  # this config's length and save_dir
+    assert "(3 logged steps)" in out and f"generating from {tmp_path / 'ckpt'}" in out
