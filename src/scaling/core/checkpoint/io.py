@@ -14,16 +14,18 @@ import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
+from scaling.core.checkpoint.discovery import find_checkpoint, verify_checkpoint
 from scaling.core.checkpoint.files import (
     CheckpointError,
+    file_digest,
     fsync_dir,
-    read_json,
     read_tensors,
     write_json,
     write_tensors,
@@ -32,6 +34,7 @@ from scaling.core.checkpoint.layout import (
     LATEST,
     MANIFEST,
     incomplete_dir,
+    leftover_of,
     model_layer_file,
     optimizer_layer_file,
     rank_state_file,
@@ -55,8 +58,13 @@ class CheckpointInfo:
     path: Path
     step: int
     manifest: dict[str, Any]
-    rank_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    rank_state: dict[str, torch.Tensor] = field(default_factory=dict)  # see :func:`saved_rank_for`
     optimizer_loaded: bool = False
+
+    @property
+    def run_state(self) -> dict[str, Any]:
+        """What the run saved once for all ranks (the data position); empty for older checkpoints."""
+        return dict(self.manifest.get("run_state") or {})
 
 
 def _layer_and_key(name: str) -> tuple[int, str]:
@@ -67,6 +75,18 @@ def _layer_and_key(name: str) -> tuple[int, str]:
 def _topology_record(module: ParallelModule) -> dict[str, int]:
     t = module.topology
     return {"tp": t.tp_size, "pp": t.pp_size, "dp": t.dp_size, "virtual_pipe_stages": module.n_chunks}
+
+
+def _remove_leftovers(save_dir: Path, published: int) -> None:
+    """Delete what crashed saves left at or before the ``published`` step; anything newer stays."""
+    for entry in save_dir.iterdir():
+        leftover = leftover_of(entry)
+        if leftover is None:
+            continue
+        step, kind = leftover
+        if step < published or (kind == "unpublished" and step == published):
+            shutil.rmtree(entry, ignore_errors=True)
+            _logger.info("removed %s, left by a crashed save (step %d is published)", entry, published)
 
 
 def _commit(save_dir: Path, step: int, keep_last: int | None) -> Path:
@@ -80,19 +100,21 @@ def _commit(save_dir: Path, step: int, keep_last: int | None) -> Path:
         os.fsync(handle.fileno())
     latest_tmp.replace(save_dir / LATEST)
     fsync_dir(save_dir)
-    if keep_last is not None:
-        done = sorted((p for p in save_dir.iterdir() if step_of(p) is not None), key=lambda p: step_of(p) or 0)
-        for old in done[:-keep_last]:
+    _remove_leftovers(save_dir, step)
+    if keep_last is not None:  # never a checkpoint newer than the one just published
+        done = sorted((p for p in save_dir.iterdir() if (step_of(p) or 0) <= step), key=lambda p: step_of(p) or 0)
+        for old in [p for p in done if step_of(p) is not None][:-keep_last]:
             if old != final:
                 shutil.rmtree(old)
     return final
 
 
 def _published_step(save_dir: Path) -> int | None:
-    latest = save_dir / LATEST
-    if not latest.is_file():
+    """The step a resumed run would start from (``latest``, or the fallback when it is broken)."""
+    try:
+        return step_of(find_checkpoint(save_dir))
+    except CheckpointError:
         return None
-    return step_of(Path(latest.read_text(encoding="utf-8").strip()))
 
 
 def _is_unpublished(save_dir: Path, step: int) -> bool:
@@ -106,7 +128,7 @@ def _is_unpublished(save_dir: Path, step: int) -> bool:
 
 
 def _set_aside(save_dir: Path, step: int) -> None:
-    """Keep an unpublished checkpoint under a hidden name (nothing saved is deleted) so the step can be saved."""
+    """Keep an unpublished checkpoint under a hidden name so the step can be saved; the save's commit removes it."""
     aside = save_dir / f".global_step{step}.unpublished"
     if aside.exists():
         shutil.rmtree(aside)
@@ -120,6 +142,44 @@ def _set_aside(save_dir: Path, step: int) -> None:
     )
 
 
+class _Writes:
+    """One rank's writes during a save. The first failure (a full disk, a non-finite tensor) is recorded,
+    not raised, so the rank still joins the save's collectives and every rank learns of it."""
+
+    def __init__(self, work: Path, step: int) -> None:
+        self.work = work
+        self.step = step
+        self.digests: dict[str, str] = {}
+        self.error: str | None = None
+
+    def tensors(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], label: Any) -> None:
+        """Write ``tensors`` to ``path`` unless one is not finite; ``label(key)`` says what a tensor is."""
+        if self.error is not None:
+            return
+        for key, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                self.error = f"{label(key)} is not finite at step {self.step}: the checkpoint is not saved"
+                return
+        self.digests[path.relative_to(self.work).as_posix()] = self.guard(path, write_tensors, path, tensors, metadata)
+
+    def guard(self, path: Path, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, turning an ``OSError`` into the recorded failure naming ``path``."""
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args)
+        except OSError as exc:
+            self.error = f"could not write checkpoint file {path}: {exc.strerror or exc}"
+            return None
+
+
+def _first_error(error: str | None) -> str | None:
+    """The first rank's failure, on every rank (collective)."""
+    every_rank: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, error)
+    return next((e for e in every_rank if e is not None), None)
+
+
 def save_checkpoint(
     save_dir: str | Path,
     step: int,
@@ -128,6 +188,7 @@ def save_checkpoint(
     *,
     config: Mapping[str, Any] | None = None,
     rank_state: Mapping[str, torch.Tensor] | None = None,
+    run_state: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
     weights: Literal["all", "trainable"] = "all",
     files: Mapping[str, str | Path] | None = None,
@@ -137,39 +198,50 @@ def save_checkpoint(
     ``weights="trainable"`` stores only parameters that require grad: a finetuning run (LoRA, BitFit,
     adapters) saves just its adapter weights, to be loaded on top of the base checkpoint. Refuses to
     overwrite an existing ``global_step{step}``: nothing already saved is touched. ``files``: name in
-    the checkpoint -> file to copy there (a tokenizer, so the checkpoint generates on its own).
+    the checkpoint -> file to copy there (a tokenizer, so the checkpoint generates on its own); each is
+    checksummed like the tensors. ``run_state``: JSON facts of the whole run (the data position),
+    stored once in the manifest, unlike ``rank_state`` which each rank writes for itself.
+
+    A failure on any rank (a write error such as a full disk, or a non-finite weight or optimizer
+    state) raises ``CheckpointError`` naming the file or parameter on every rank, and removes the
+    ``.incomplete`` directory: earlier checkpoints are untouched and nothing is published.
     """
     save_dir = Path(save_dir)
+    for name in files or {}:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"checkpoint file name {name!r} must be a plain relative name")
     topo = module.topology
     final, work = step_dir(save_dir, step), incomplete_dir(save_dir, step)
     unpublished = final.exists() and _is_unpublished(save_dir, step)
     if final.exists() and not unpublished:
         raise CheckpointError(f"{final} already exists; refusing to overwrite a saved checkpoint")
+    writes = _Writes(work, step)
     if topo.global_rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if work.exists():  # left by a save that crashed: never published, safe to discard
-            shutil.rmtree(work)
-        if unpublished and final.exists():
-            _set_aside(save_dir, step)
-        work.mkdir()
-    dist.barrier()
+        writes.guard(work, _prepare, save_dir, step, unpublished)
+    if (error := _first_error(writes.error)) is not None:
+        raise CheckpointError(error)
 
-    digests: dict[str, str] = {}
     saved = [p for p in module.parameters() if weights == "all" or p.requires_grad]
-    digests |= _save_per_layer(work, module, {id(p): {"": p.detach()} for p in saved}, model_layer_file)
+    _save_per_layer(writes, module, {id(p): {"": p.detach()} for p in saved}, model_layer_file)
     if optimizer is not None:
         states = optimizer.parameter_states()  # collective over dp when sharded
         steps = optimizer.steps_taken()
         slot_of = {name: slot.key for slot in optimizer.slots for name in slot.names}
         optimizer_tensors = {pid: {f".{k}": v for k, v in state.items()} for pid, state in states.items()}
         steps_of = {name: str(steps[key]) for name, key in slot_of.items()}
-        digests |= _save_per_layer(work, module, optimizer_tensors, optimizer_layer_file, extra=steps_of)
+        _save_per_layer(writes, module, optimizer_tensors, optimizer_layer_file, extra=steps_of)
     if rank_state:
         state_file = rank_state_file(work, topo.global_rank)
-        digests[state_file.relative_to(work).as_posix()] = write_tensors(state_file, dict(rank_state))
-    every_rank: list[dict[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, digests)  # also the barrier: every rank has written its files
-    if topo.global_rank == 0:
+        writes.tensors(state_file, dict(rank_state), {}, lambda key: f"rank state {key!r}")
+    every_rank: list[tuple[dict[str, str], str | None] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, (writes.digests, writes.error))  # also the barrier: every rank wrote
+    error = next((part[1] for part in every_rank if part is not None and part[1] is not None), None)
+    if error is None and topo.global_rank == 0:
+        checksums = {name: digest for part in every_rank if part is not None for name, digest in part[0].items()}
+        for name, source in (files or {}).items():
+            writes.guard(work / name, shutil.copyfile, source, work / name)
+            if writes.error is None:
+                checksums[name] = file_digest(work / name)
         manifest = {
             "version": FORMAT_VERSION,
             "step": step,
@@ -182,31 +254,44 @@ def save_checkpoint(
                 "loss_scaler": optimizer.scaler.state_dict() if optimizer.scaler else None,
             },
             "config": dict(config) if config is not None else None,
-            "checksums": {name: digest for part in every_rank for name, digest in (part or {}).items()},
+            "run_state": dict(run_state) if run_state is not None else None,
+            "checksums": checksums,
         }
-        write_json(work / MANIFEST, manifest)
-        for name, source in (files or {}).items():
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise CheckpointError(f"checkpoint file name {name!r} must be a plain relative name")
-            shutil.copyfile(source, work / name)
-        _commit(save_dir, step, keep_last)
-    dist.barrier()
+        writes.guard(work / MANIFEST, write_json, work / MANIFEST, manifest)
+        if writes.error is None:
+            writes.guard(save_dir / LATEST, _commit, save_dir, step, keep_last)
+        error = writes.error
+    if topo.global_rank == 0 and error is not None:
+        shutil.rmtree(work, ignore_errors=True)  # never published: nothing saved before is touched
+    if (error := _first_error(error)) is not None:
+        raise CheckpointError(error)
     return final
 
 
+def _prepare(save_dir: Path, step: int, unpublished: bool) -> None:
+    """Rank 0: an empty ``.incomplete`` directory for the save, with what a crashed save left cleared."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    work = incomplete_dir(save_dir, step)
+    if work.exists():  # left by a save that crashed: never published, safe to discard
+        shutil.rmtree(work)
+    if unpublished and step_dir(save_dir, step).exists():
+        _set_aside(save_dir, step)
+    work.mkdir()
+
+
 def _save_per_layer(
-    work: Path,
+    writes: _Writes,
     module: ParallelModule,
     tensors_of: dict[int, dict[str, torch.Tensor]],
     file_of: Any,
     extra: dict[str, str] | None = None,
-) -> dict[str, str]:
+) -> None:
     """Write, per layer, the full-size tensors ``tensors_of[id(param)]`` (suffix -> this rank's slice).
 
     Tensor-parallel slices are all-gathered over the first data-parallel replica's tp group; its tp rank
     0 writes. Tied copies are written once, by their first stage. ``extra``: per canonical parameter name,
-    a string stored in the file's metadata (the optimizer's step count). Returns the SHA-256 of each
-    file this rank wrote, by its path inside the checkpoint.
+    a string stored in the file's metadata (the optimizer's step count). ``writes`` records the SHA-256
+    of each file this rank wrote, by its path inside the checkpoint.
     """
     topo = module.topology
     by_layer: dict[int, dict[str, torch.Tensor]] = {}
@@ -228,26 +313,17 @@ def _save_per_layer(
             entry["step"] = int(extra[name])
         meta.setdefault(layer, {})[key] = json.dumps(entry)
     if topo.dp_rank != 0 or topo.tp_rank != 0:
-        return {}
-    digests = {}
+        return
     for layer, tensors in by_layer.items():
-        path = file_of(work, layer)
-        digests[path.relative_to(work).as_posix()] = write_tensors(path, tensors, meta[layer])
-    return digests
+        writes.tensors(file_of(writes.work, layer), tensors, meta[layer], partial(_describe, layer))
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if it is a finished checkpoint, else the one its ``latest`` file names."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        return path
-    latest = path / LATEST
-    if not latest.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: neither {MANIFEST} nor a '{LATEST}' file")
-    target = path / latest.read_text(encoding="utf-8").strip()
-    if not (target / MANIFEST).is_file():
-        raise CheckpointError(f"{latest} names {target.name}, which has no {MANIFEST}")
-    return target
+def _describe(layer: int, key: str) -> str:
+    """What the stored tensor ``key`` of ``layer`` is, for errors: a weight or a parameter's optimizer state."""
+    for stat in (".master", ".exp_avg_sq", ".exp_avg"):
+        if key.endswith(stat):
+            return f"optimizer state {stat[1:]} of parameter 'layers.{layer}.{key[: -len(stat)]}'"
+    return f"parameter 'layers.{layer}.{key}'"
 
 
 def load_checkpoint(
@@ -264,7 +340,7 @@ def load_checkpoint(
     added for finetuning): fail, or keep its initial value. Collective.
     """
     checkpoint = find_checkpoint(path)
-    manifest = read_json(checkpoint / MANIFEST)
+    manifest = verify_checkpoint(checkpoint)  # every file it lists is present, before anything loads
     if manifest.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{checkpoint / MANIFEST}: format version {manifest.get('version')} is not supported")
     checksums: dict[str, str] = manifest.get("checksums") or {}  # absent in checkpoints of older versions
@@ -277,11 +353,31 @@ def load_checkpoint(
         else:
             for shard_ in optimizer.shards:
                 shard_.load_from_params()
-    state = rank_state_file(checkpoint, module.topology.global_rank)
-    if state.is_file():
+    topo = module.topology
+    source = saved_rank_for(manifest.get("topology") or {}, topo.pp_rank, topo.tp_rank, _topology_record(module))
+    if source is None and (manifest.get("topology") or {}) == _topology_record(module):
+        source = topo.global_rank
+    state = rank_state_file(checkpoint, source) if source is not None else None
+    if state is not None and state.is_file():
         info.rank_state = read_tensors(state, checksums.get(state.relative_to(checkpoint).as_posix()))[0]
     dist.barrier()
     return info
+
+
+def saved_rank_for(saved: Mapping[str, int], pp: int, tp: int, current: Mapping[str, int]) -> int | None:
+    """The rank of the saved run whose rank state (RNG streams) this rank at (``pp``, ``tp``) continues.
+
+    On the same layout: the rank itself (returned by the caller). When only the number of data-parallel
+    ranks changed, the saved rank at the same (pp, tp) of data-parallel replica 0: data-parallel replicas
+    share their random streams, so every replica, old or new, continues exactly. When tp, pp or the
+    virtual stages changed no saved stream belongs to this rank: None, and the rank keeps the streams it
+    was initialised with (a pure function of the config seed and its coordinates), so the run is still
+    deterministic. Rank order: tp fastest, then dp, then pp.
+    """
+    keys = ("tp", "pp", "virtual_pipe_stages")
+    if not saved or dict(saved) == dict(current) or any(saved.get(k) != current.get(k) for k in keys):
+        return None
+    return tp + int(saved["tp"]) * int(saved["dp"]) * pp  # data-parallel index 0
 
 
 def _read_full(

@@ -11,6 +11,7 @@
         rank_state/rank{r:05d}.safetensors       # per-rank RNG states and similar
         user_state/...                           # anything the caller adds (data position, ...)
       .global_step{N}.incomplete/  # a save in progress; never read
+      .global_step{N}.unpublished/ # renamed into place by a save that crashed before 'latest' moved
 
 File names depend on layer indices and coordinates, never on which rank wrote them, so any layout can
 find what it needs.
@@ -25,6 +26,7 @@ __all__ = [
     "LATEST",
     "MANIFEST",
     "incomplete_dir",
+    "leftover_of",
     "model_layer_file",
     "optimizer_layer_file",
     "rank_state_file",
@@ -35,6 +37,7 @@ __all__ = [
 LATEST = "latest"
 MANIFEST = "manifest.json"
 _STEP = re.compile(r"^global_step(\d+)$")
+_LEFTOVER = re.compile(r"^\.global_step(\d+)\.(incomplete|unpublished)$")
 
 
 def step_dir(save_dir: Path, step: int) -> Path:
@@ -48,6 +51,12 @@ def incomplete_dir(save_dir: Path, step: int) -> Path:
 def step_of(path: Path) -> int | None:
     match = _STEP.match(path.name)
     return int(match.group(1)) if match else None
+
+
+def leftover_of(path: Path) -> tuple[int, str] | None:
+    """(step, "incomplete" or "unpublished") for a directory a crashed save left, else None."""
+    match = _LEFTOVER.match(path.name)
+    return (int(match.group(1)), match.group(2)) if match else None
 
 
 def model_layer_file(checkpoint: Path, layer: int) -> Path:
