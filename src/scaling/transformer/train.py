@@ -7,10 +7,13 @@ runner); started as a rank it builds the model, optimizer, data and trainer, and
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from scaling.core.checkpoint import CheckpointError, find_checkpoint
 from scaling.core.config import ConfigError
 from scaling.core.data import BlendedDataset, DistributedDataLoader, MemoryMapDataset, weights_by_size
 from scaling.core.logging import MetricsLogger, configure_logging
@@ -20,6 +23,12 @@ from scaling.core.runner import launch
 from scaling.core.topology import RngTracker, Topology, init_distributed, shutdown_distributed
 from scaling.core.trainer import Trainer, TrainingContext
 from scaling.transformer.config import TransformerConfig
+from scaling.transformer.data.checks import (
+    check_data_tokenizer,
+    check_data_vocabulary,
+    check_tokenizer_fits,
+    check_tokenizers_agree,
+)
 from scaling.transformer.data.datasets import FinetuningDataset, PretrainingDataset
 from scaling.transformer.data.tokenizer import Tokenizer
 from scaling.transformer.finetuning.apply import finetuning_adapter
@@ -34,6 +43,11 @@ class _Subset:
     def __init__(self, dataset: PretrainingDataset | FinetuningDataset | BlendedDataset, start: int, stop: int):
         self.dataset, self.start, self.stop = dataset, start, stop
 
+    @property
+    def source(self) -> str:
+        """The data files, for messages (the loader names them when a batch does not fit)."""
+        return str(getattr(self.dataset, "source", None) or type(self.dataset).__name__)
+
     def __len__(self) -> int:
         return self.stop - self.start
 
@@ -44,26 +58,61 @@ class _Subset:
         return self.dataset.collate(items)  # type: ignore[arg-type]
 
 
+def _checkpoint_tokenizer(config: TransformerConfig) -> Path | None:
+    """The ``tokenizer.json`` of the checkpoint this run loads, if it loads one that carries it."""
+    load_dir = config.trainer.load_dir
+    if load_dir is None or not load_dir.exists():
+        return None
+    try:
+        path = find_checkpoint(load_dir) / "tokenizer.json"
+    except CheckpointError:
+        return None  # what is wrong with the checkpoint is reported by loading it
+    return path if path.is_file() else None
+
+
 def _datasets(config: TransformerConfig) -> tuple[_Subset, _Subset]:
-    data, arch = config.data, config.architecture
+    """Open the data (every check that the data, model and tokenizer fit is made here, cheaply, before launch).
+
+    Raises ``DataFileError`` naming the file for data that cannot be read, ``ConfigError`` for data that does
+    not fit the model, the tokenizer or the batch size.
+    """
+    data, arch, topology = config.data, config.architecture, config.topology
+    tokenizer = Tokenizer.from_file(data.tokenizer) if data.tokenizer is not None else None
+    saved_tokenizer = _checkpoint_tokenizer(config)
+    if tokenizer is not None and saved_tokenizer is not None:
+        check_tokenizers_agree(tokenizer, saved_tokenizer)
+    reference: tuple[Tokenizer, str] | None = None  # what the data's recorded tokenizer must be
+    if tokenizer is not None:
+        reference = (tokenizer, "data.tokenizer")
+    elif saved_tokenizer is not None:
+        reference = (Tokenizer.from_file(saved_tokenizer), "the tokenizer of the checkpoint being loaded")
     full: PretrainingDataset | FinetuningDataset | BlendedDataset
     if data.finetuning_jsonl is not None:
-        assert data.tokenizer is not None
-        full = FinetuningDataset(data.finetuning_jsonl, Tokenizer.from_file(data.tokenizer), arch.sequence_length)
+        assert tokenizer is not None
+        check_tokenizer_fits(tokenizer, arch.vocab_size)
+        multiple = math.lcm(8, topology.model_parallel_size) if topology.sequence_parallel else 8
+        full = FinetuningDataset(data.finetuning_jsonl, tokenizer, arch.sequence_length, pad_multiple=multiple)
     else:
-        parts = [
-            PretrainingDataset(MemoryMapDataset(p), arch.sequence_length, arch.document_masking) for p in data.prefixes
-        ]
+        parts = []
+        for prefix in data.prefixes:
+            tokens = MemoryMapDataset(prefix)
+            check_data_vocabulary(tokens, arch.vocab_size)
+            if reference is not None:
+                check_data_tokenizer(tokens, *reference)
+            parts.append(PretrainingDataset(tokens, arch.sequence_length, arch.document_masking))
         if len(parts) == 1:
             full = parts[0]
         else:
             weights = data.weights or weights_by_size([len(p) for p in parts], alpha=1.0)
             full = BlendedDataset(parts, weights, sum(len(p) for p in parts), data.blend_cache_dir)
-    held_out = max(int(len(full) * data.validation_fraction), config.topology.global_batch)
-    if len(full) - held_out < config.topology.global_batch:
+    held_out = max(int(len(full) * data.validation_fraction), topology.global_batch)
+    if len(full) - held_out < topology.global_batch:
+        source = data.finetuning_jsonl or ", ".join(str(p) for p in data.prefixes)
         raise ConfigError(
-            f"data: {len(full)} samples cannot fill one training and one validation global batch "
-            f"({config.topology.global_batch} each); prepare more data or lower the batch size"
+            f"data: {source} gives {len(full)} samples of {arch.sequence_length} tokens, too few for one training "
+            f"and one validation global batch ({topology.global_batch} each = micro batch "
+            f"{topology.micro_batch} x {topology.micro_batches} micro-batches x {topology.data_parallel_size} "
+            "data parallel); prepare more data or lower the batch size"
         )
     return _Subset(full, 0, len(full) - held_out), _Subset(full, len(full) - held_out, len(full))
 

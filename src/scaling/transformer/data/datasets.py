@@ -1,7 +1,10 @@
 """Training samples for language models: packed pretraining windows and prompt/completion or chat finetuning.
 
 Every sample is ``{"tokens", "targets", "loss_mask", "positions"}`` (+ ``"document_ids"`` when documents are
-packed with masking), all ``[sequence_length]``; ``collate`` stacks them.
+packed with masking). Pretraining samples are all ``[sequence_length]`` and ``collate`` stacks them; a
+finetuning sample is as long as its text, and ``collate`` pads a micro-batch only to its longest sample, so
+a step costs what its real tokens cost, not ``sequence_length`` per sample. Every error in the data is a
+``DataFileError`` naming the file (and line).
 """
 
 from __future__ import annotations
@@ -9,21 +12,25 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from scaling.core.data import MemoryMapDataset
+from scaling.core.data import DataFileError, MemoryMapDataset
 from scaling.transformer.data.tokenizer import Tokenizer
 
-__all__ = ["FinetuningDataset", "PretrainingDataset", "collate_samples"]
+__all__ = ["FinetuningDataset", "PretrainingDataset", "collate_samples", "padded_width"]
 
 Sample = dict[str, torch.Tensor]
 
 
 def collate_samples(items: Sequence[Sample]) -> Sample:
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def padded_width(longest: int, multiple: int, limit: int) -> int:
+    """``longest`` rounded up to ``multiple`` (fewer distinct shapes, aligned kernels), at most ``limit``."""
+    return min(-(-max(longest, 1) // multiple) * multiple, limit)
 
 
 class PretrainingDataset:
@@ -39,9 +46,13 @@ class PretrainingDataset:
         self.document_masking = document_masking
         self.windows = (data.token_count - 1) // sequence_length
         if self.windows < 1:
-            raise ValueError(
+            raise DataFileError(
                 f"{data.prefix}: {data.token_count} tokens is too few for one window of {sequence_length + 1}"
             )
+
+    @property
+    def source(self) -> str:
+        return str(self.data.prefix)
 
     def __len__(self) -> int:
         return self.windows
@@ -71,64 +82,98 @@ class FinetuningDataset:
 
     A line is either ``{"prompt": ..., "completion": ...}`` (loss on the completion) or ``{"messages":
     [{"role": ..., "content": ...}, ...]}`` (loss on assistant messages; each message is rendered as
-    ``"<role>: <content>\\n"``). Sequences are cut or padded to ``sequence_length``; padding has no loss.
+    ``"<role>: <content>\\n"``). Sequences are cut to ``sequence_length``; ``collate`` pads a micro-batch to
+    its longest sample rounded up to ``pad_multiple`` (a multiple of the tensor-parallel size under sequence
+    parallelism), and padding has no loss, so the loss does not depend on the padded width.
     """
 
-    def __init__(self, path: str | Path, tokenizer: Tokenizer, sequence_length: int) -> None:
+    def __init__(self, path: str | Path, tokenizer: Tokenizer, sequence_length: int, pad_multiple: int = 8) -> None:
         self.path = Path(path)
         self.sequence_length = sequence_length
+        self.pad_multiple = pad_multiple
         self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.require_eos()
         eos = tokenizer.require_eos()
         self.samples: list[tuple[list[int], list[float]]] = []
         if not self.path.is_file():
-            raise ValueError(f"finetuning data {self.path} does not exist")
-        with self.path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    pieces = self._pieces(json.loads(line), number)
-                    ids: list[int] = []
-                    mask: list[float] = []
-                    for text, learn in pieces:
-                        encoded = tokenizer.encode(text)
-                        ids += encoded
-                        mask += [1.0 if learn else 0.0] * len(encoded)
-                    ids.append(eos)
-                    mask.append(1.0)
-                    self.samples.append((ids, mask))
+            raise DataFileError(f"finetuning data {self.path} does not exist")
+        try:
+            with self.path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        self.samples.append(self._encode(self._pieces(line, number), tokenizer, eos))
+        except UnicodeDecodeError as exc:
+            raise DataFileError(f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         if not self.samples:
-            raise ValueError(f"finetuning data {self.path} holds no samples")
+            raise DataFileError(f"finetuning data {self.path} holds no samples (no non-empty line)")
 
-    def _pieces(self, record: Any, number: int) -> list[tuple[str, bool]]:
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
+    @staticmethod
+    def _encode(pieces: list[tuple[str, bool]], tokenizer: Tokenizer, eos: int) -> tuple[list[int], list[float]]:
+        ids: list[int] = []
+        mask: list[float] = []
+        for text, learn in pieces:
+            encoded = tokenizer.encode(text)
+            ids += encoded
+            mask += [1.0 if learn else 0.0] * len(encoded)
+        return [*ids, eos], [*mask, 1.0]
+
+    def _pieces(self, line: str, number: int) -> list[tuple[str, bool]]:
         where = f"{self.path}:{number}"
-        if isinstance(record, dict) and "prompt" in record and "completion" in record:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataFileError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DataFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "prompt" in record or "completion" in record:
+            for field in ("prompt", "completion"):
+                if field not in record:
+                    raise DataFileError(f"{where}: no field {field!r} (a prompt/completion record needs both)")
             return [(str(record["prompt"]), False), (str(record["completion"]), True)]
-        if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        if "messages" in record:
+            if not isinstance(record["messages"], list):
+                raise DataFileError(f"{where}: field 'messages' is not a list")
             pieces = []
-            for message in record["messages"]:
-                if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                    raise ValueError(f"{where}: every message needs 'role' and 'content'")
+            for turn, message in enumerate(record["messages"]):
+                missing = [f for f in ("role", "content") if not isinstance(message, dict) or f not in message]
+                if missing:
+                    raise DataFileError(
+                        f"{where}: message {turn} has no field {missing[0]!r} "
+                        "(every message needs 'role' and 'content')"
+                    )
                 pieces.append((f"{message['role']}: ", False))
                 pieces.append((f"{message['content']}\n", message["role"] == "assistant"))
             return pieces
-        raise ValueError(f"{where}: expected 'prompt' and 'completion', or 'messages'")
+        raise DataFileError(
+            f"{where}: expected 'prompt' and 'completion', or 'messages' (fields here: {', '.join(record) or 'none'})"
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Sample:
+        """The sample as long as its text (at most ``sequence_length``); ``collate`` pads it."""
         ids, mask = self.samples[index]
-        length = self.sequence_length + 1
-        ids, mask = ids[:length], mask[:length]
-        padding = length - len(ids)
-        ids = ids + [self.pad] * padding
-        mask = mask + [0.0] * padding
+        ids, mask = ids[: self.sequence_length + 1], mask[: self.sequence_length + 1]
         window = torch.tensor(ids)
         return {
             "tokens": window[:-1],
             "targets": window[1:],
             "loss_mask": torch.tensor(mask[1:]),  # the mask of the token each position predicts
-            "positions": torch.arange(self.sequence_length),
         }
 
     def collate(self, items: Sequence[Sample]) -> Sample:
-        return collate_samples(items)
+        width = padded_width(max(len(item["tokens"]) for item in items), self.pad_multiple, self.sequence_length)
+        batch = {
+            "tokens": torch.full((len(items), width), self.pad, dtype=torch.int64),
+            "targets": torch.full((len(items), width), self.pad, dtype=torch.int64),
+            "loss_mask": torch.zeros(len(items), width),
+        }
+        for row, item in enumerate(items):
+            for key, tensor in batch.items():
+                tensor[row, : len(item[key])] = item[key]
+        batch["positions"] = torch.arange(width).expand(len(items), width).contiguous()
+        return batch

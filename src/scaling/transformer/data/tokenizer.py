@@ -15,6 +15,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from scaling.core.data import DataFileError
+
 __all__ = ["Tokenizer", "TokenizerError"]
 
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
@@ -22,8 +24,8 @@ _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "[CLS]")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file is missing, unreadable, or lacks a token training needs."""
+class TokenizerError(DataFileError):
+    """A tokenizer file is missing, unreadable, or lacks a token training needs (bad input, like a data file)."""
 
 
 class Tokenizer:
