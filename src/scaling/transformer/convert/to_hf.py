@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from scaling.core.checkpoint import CheckpointError
+from scaling.core.checkpoint import CheckpointError, verify_file
 from scaling.core.checkpoint.files import read_tensors
 from scaling.core.checkpoint.layout import MANIFEST, model_layer_file
 from scaling.core.config import ConfigError
@@ -201,8 +201,8 @@ def save_huggingface(
         writer.finish()
         assert target is not None
         for name in SIDE_FILES:
-            if (base.path / name).is_file():
-                shutil.copyfile(base.path / name, staging / name)
+            if (base.path / name).is_file():  # checked against the manifest: a tokenizer edited since is refused
+                shutil.copyfile(verify_file(base.path / name, base.path, base.run.checksums), staging / name)
         token_ids = _token_ids(base.path)
         _write_json(staging / "config.json", hf_config_from_architecture(arch, target, token_ids))
         if not (staging / "generation_config.json").is_file():

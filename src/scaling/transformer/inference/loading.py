@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from scaling.core.checkpoint import CheckpointError, load_checkpoint
+from scaling.core.checkpoint import CheckpointError, load_checkpoint, verify_file
 from scaling.core.checkpoint.layout import model_layer_file
 from scaling.core.nn.precision import PrecisionConfig
 from scaling.core.pipeline.module import ParallelModule
@@ -73,7 +73,7 @@ def _load_tokenizer(run: SavedRun) -> Tokenizer | None:
         candidates.append(Path(data["tokenizer"]))
     for path in candidates:
         if path.is_file():
-            return Tokenizer.from_file(path)
+            return Tokenizer.from_file(verify_file(path, run.path, run.checksums) if path == candidates[0] else path)
     return None
 
 
