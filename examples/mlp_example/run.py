@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = config.runner.model_copy(
             update={"script": "examples.mlp_example.run", "module": True, "script_args": script_args}
         )
-        return launch(runner, config.topology.n_ranks)
+        return launch(runner, config.topology.n_ranks, log_dir=config.logger.log_dir)
     from examples.mlp_example.train import train
     from scaling.core.topology import shutdown_distributed
 

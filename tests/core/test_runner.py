@@ -95,7 +95,7 @@ def test_slurm_script_for_two_nodes(tmp_path: Path) -> None:
     config = _two_nodes(
         tmp_path,
         runner_type="slurm",
-        log_dir=str(tmp_path / "logs"),
+        rank_logs=True,
         slurm={
             "job_name": "llm",
             "partition": "gpu",
@@ -104,8 +104,9 @@ def test_slurm_script_for_two_nodes(tmp_path: Path) -> None:
             "extra_sbatch": ["--exclusive"],
         },
     )
-    plan = plan_launch(config, 8, python="python", cwd="/work/run", env=ENV)
+    # logs: the run's logger.log_dir, the one log directory (the sbatch script, per-rank logs under ranks/)
     logs = tmp_path / "logs"
+    plan = plan_launch(config, 8, python="python", cwd="/work/run", env=ENV, log_dir=logs)
     assert plan.argv == ["sbatch", str(logs / "llm.sbatch")]
     script = plan.sbatch_script
     assert script is not None
@@ -129,7 +130,7 @@ def test_slurm_script_for_two_nodes(tmp_path: Path) -> None:
     assert inner == (
         "python -m scaling.core.runner.agent --nnodes=$SLURM_NNODES --node-rank=$SLURM_NODEID --nproc-per-node=4 "
         "--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID --max-restarts=0 "
-        f"--log-dir={logs} --tee=3 train.py cfg.yml"
+        f"--log-dir={logs / 'ranks'} --tee=3 train.py cfg.yml"
     )
     assert script.startswith("#!/bin/bash\n")
 
@@ -158,9 +159,9 @@ def test_local_command() -> None:
         "-m",
     ]  # fmt: skip
     logged = plan_launch(
-        RunnerConfig(module=False, script="t.py", log_dir=Path("logs")), 1, python="py", cwd="/", env={}
+        RunnerConfig(module=False, script="t.py", rank_logs=True), 1, python="py", cwd="/", env={}, log_dir="logs"
     )
-    assert logged.argv[5:] == ["--standalone", "--max-restarts=0", "--log-dir=logs", "--tee=3", "t.py"]
+    assert logged.argv[5:] == ["--standalone", "--max-restarts=0", "--log-dir=logs/ranks", "--tee=3", "t.py"]
 
 
 @pytest.mark.parametrize(
@@ -248,9 +249,9 @@ def _fake_tool(bin_dir: Path, name: str) -> Path:
 def test_slurm_launch_writes_the_script_and_submits_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recorded = _fake_tool(tmp_path / "bin", "sbatch")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    config = RunnerConfig(runner_type="slurm", nproc_per_node=2, log_dir=tmp_path / "logs")
+    config = RunnerConfig(runner_type="slurm", nproc_per_node=2)
     for _ in range(2):  # a resubmission replaces the script (sbatch has copied the old one)
-        assert launch(config, 4) == 0
+        assert launch(config, 4, log_dir=tmp_path / "logs") == 0
     script = tmp_path / "logs" / "scaling.sbatch"
     assert recorded.read_text().splitlines() == [str(script)]
     assert "#SBATCH --nodes=2" in script.read_text().splitlines()
@@ -271,9 +272,9 @@ def test_missing_tool_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monke
         ConfigError, match=re.escape("runner.runner_type: 'pdsh' needs the 'pdsh' command, which is not on PATH")
     ):
         launch(RunnerConfig(runner_type="pdsh", hosts=["n0"]), 1)
-    config = RunnerConfig(runner_type="slurm", nproc_per_node=1, log_dir=tmp_path / "logs")
+    config = RunnerConfig(runner_type="slurm", nproc_per_node=1, rank_logs=True)
     with pytest.raises(ConfigError, match="'sbatch' command"):
-        launch(config, 1)
+        launch(config, 1, log_dir=tmp_path / "logs")
     assert not (tmp_path / "logs").exists()  # nothing written before the check
 
 
@@ -297,12 +298,12 @@ sys.exit(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
 def test_real_local_launch_all_reduces(tmp_path: Path) -> None:
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE_SCRIPT)
-    config = RunnerConfig(script=str(script), module=False, script_args=[str(tmp_path)], log_dir=tmp_path / "logs")
-    assert launch(config, world_size=2) == 0
+    config = RunnerConfig(script=str(script), module=False, script_args=[str(tmp_path)], rank_logs=True)
+    assert launch(config, world_size=2, log_dir=tmp_path / "logs") == 0
     assert (tmp_path / "rank0.txt").read_text() == "3.0 2 0"
     assert (tmp_path / "rank1.txt").read_text() == "3.0 2 1"
-    # torchrun's per-rank logs: <log_dir>/<run id>/attempt_0/<local rank>/{stdout,stderr}.log
-    assert len(list((tmp_path / "logs").glob("*/attempt_0/*/stderr.log"))) == 2
+    # torchrun's per-rank logs: <logger.log_dir>/ranks/<run id>/attempt_0/<local rank>/{stdout,stderr}.log
+    assert len(list((tmp_path / "logs" / "ranks").glob("*/attempt_0/*/stderr.log"))) == 2
 
 
 @pytest.mark.timeout(120)

@@ -189,3 +189,35 @@ def test_transformer_example_runs_the_config_given_as_positional_argument(
     assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "stdlib.json").is_file()
     assert (tmp_path / "ckpt" / "latest").read_text() == "global_step3"  # this config's length and save_dir
     assert "(3 logged steps)" in out and f"generating from {tmp_path / 'ckpt'}" in out
+
+
+# One log directory -------------------------------------------------------------------------------------
+def test_old_runner_log_dir_is_refused_and_points_to_logger_log_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scaling.core.runner.command_line import main as launch_main
+
+    document = _run_config(tmp_path, runner={"log_dir": str(tmp_path / "ranks")})
+    with pytest.raises(ConfigError) as caught:
+        TransformerConfig.from_dict(document)
+    (problem,) = caught.value.problems
+    assert problem.startswith("runner.log_dir: runner.log_dir is gone")
+    assert "logger.log_dir; set that instead" in problem
+    path = _write(tmp_path, document)
+    assert launch_main([str(path), "--dry-run"]) == 2  # `scaling launch` (runner + topology sections) too
+    _one_message(capsys.readouterr().err, str(path), "runner.log_dir", "logger.log_dir")
+
+
+def test_per_rank_logs_go_under_logger_log_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from scaling.core.runner.command_line import main as launch_main
+
+    logs = tmp_path / "logs"
+    document = {"topology": {"data_parallel_size": 2}, "runner": {"rank_logs": True}, "logger": {"log_dir": str(logs)}}
+    assert launch_main([str(_write(tmp_path, document)), "--dry-run"]) == 0
+    assert f"--log-dir={logs / 'ranks'} --tee=3" in capsys.readouterr().out
+    slurm = {**document, "runner": {"runner_type": "slurm", "nproc_per_node": 2}}
+    assert launch_main([str(_write(tmp_path, slurm)), "--dry-run"]) == 0
+    assert f"sbatch {logs / 'scaling.sbatch'}" in capsys.readouterr().out  # the job script sits beside the logs
+    no_dir = _run_config(tmp_path, runner={"rank_logs": True})
+    with pytest.raises(ConfigError, match=r"runner\.rank_logs: rank_logs writes per-rank logs under logger\.log_dir"):
+        TransformerConfig.from_dict(no_dir)

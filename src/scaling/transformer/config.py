@@ -77,6 +77,10 @@ class TransformerConfig(BaseConfig):
             raise InvalidCombination(str(exc), *(f"architecture.{f}" for f in exc.fields)) from None
         _check_pipeline_stages(self.topology, self.architecture)
         _check_logging_packages(self.logger)
+        if self.runner.rank_logs and self.logger.log_dir is None:
+            raise InvalidCombination(
+                "rank_logs writes per-rank logs under logger.log_dir, which is not set", "runner.rank_logs"
+            )
         if self.finetuning is not None and self.finetuning.lora is not None:
             names = projection_names(self.architecture)
             for pattern in unmatched_targets(self.finetuning.lora.targets, names)[:1]:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from scaling.core.config import BaseConfig, ConfigError, apply_overrides
+from scaling.core.logging.config import LoggerConfig
 from scaling.core.runner.config import RunnerConfig
 from scaling.core.runner.launch import launch
 from scaling.core.topology.config import TopologyConfig
@@ -24,8 +25,10 @@ __all__ = ["load_launch_configs", "main"]
 ConfigT = TypeVar("ConfigT", bound=BaseConfig)
 
 
-def load_launch_configs(path: Path, overrides: Sequence[str] = ()) -> tuple[RunnerConfig, TopologyConfig]:
-    """The ``runner`` and ``topology`` sections of the file at ``path``, after the dotted ``overrides``.
+def load_launch_configs(path: Path, overrides: Sequence[str] = ()) -> tuple[RunnerConfig, TopologyConfig, LoggerConfig]:
+    """The ``runner``, ``topology`` and ``logger`` sections of the file at ``path``, after the dotted ``overrides``.
+
+    The logger section is read for ``logger.log_dir``, the run's one log directory (per-rank logs, sbatch script).
 
     Overrides apply to the whole document, so ``-o runner.master_port=6000`` and ``-o topology.world_size=8``
     both work; errors name the field from the top of the file (``runner.master_port``).
@@ -41,7 +44,8 @@ def load_launch_configs(path: Path, overrides: Sequence[str] = ()) -> tuple[Runn
     document = apply_overrides(document, overrides)
     runner = _section(RunnerConfig, document, "runner", path)
     topology = _section(TopologyConfig, document, "topology", path)
-    return runner, topology
+    logger = _section(LoggerConfig, document, "logger", path)
+    return runner, topology, logger
 
 
 def _section(cls: type[ConfigT], document: dict[str, Any], name: str, path: Path) -> ConfigT:
@@ -72,8 +76,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m scaling.core.
     parser.add_argument("--dry-run", action="store_true", help="Print the commands instead of running them.")
     args = parser.parse_args(argv)
     try:
-        runner, topology = load_launch_configs(args.config, args.override)
-        return launch(runner, topology.n_ranks, dry_run=args.dry_run)
+        runner, topology, logger = load_launch_configs(args.config, args.override)
+        return launch(runner, topology.n_ranks, dry_run=args.dry_run, log_dir=logger.log_dir)
     except ConfigError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2

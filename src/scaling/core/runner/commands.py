@@ -23,7 +23,9 @@ from scaling.core.config import ConfigError
 from scaling.core.runner.config import DEFAULT_MASTER_PORT, RunnerConfig, RunnerType
 from scaling.core.runner.hostfile import Host, read_hostfile
 
-__all__ = ["LaunchPlan", "NodeCommand", "plan_launch"]
+__all__ = ["RANK_LOGS", "LaunchPlan", "NodeCommand", "plan_launch"]
+
+RANK_LOGS = "ranks"  # per-rank log files (runner.rank_logs) go to <logger.log_dir>/ranks/
 
 # torchrun inside a process that dies with its parent and reports the first failure once (see its docstring).
 _LAUNCHER = "scaling.core.runner.agent"
@@ -92,22 +94,25 @@ def _script(config: RunnerConfig) -> list[str]:
     return (["-m"] if config.module else []) + [config.script, *config.script_args]
 
 
-def _common_flags(config: RunnerConfig) -> list[str]:
+def _common_flags(config: RunnerConfig, log_dir: Path | None) -> list[str]:
     """Launcher flags every runner passes: restarts, and per-rank log files (also teed to the console)."""
     flags = [f"--max-restarts={config.max_restarts}"]
-    if config.log_dir is not None:
-        flags += [f"--log-dir={config.log_dir}", "--tee=3"]  # 3: stdout and stderr of every local rank
+    if config.rank_logs:
+        if log_dir is None:
+            raise ConfigError("runner.rank_logs: per-rank logs go under logger.log_dir, which is not set")
+        flags += [f"--log-dir={log_dir / RANK_LOGS}", "--tee=3"]  # 3: stdout and stderr of every local rank
     return flags
 
 
-def _torchrun(python: str, launcher_args: list[str], config: RunnerConfig) -> str:
+def _torchrun(python: str, launcher_args: list[str], config: RunnerConfig, log_dir: Path | None) -> str:
     """The launcher command on one node, as shell text.
 
     ``launcher_args`` are flags whose values need no quoting (numbers, host names) or must stay unquoted
     (pdsh's %n, Slurm's $SLURM_NODEID, expanded on the node itself); everything else is quoted.
     """
     head = [shlex.quote(python), "-m", _LAUNCHER, *launcher_args]
-    return " ".join(head + [shlex.quote(flag) for flag in _common_flags(config)]) + " " + shlex.join(_script(config))
+    flags = _common_flags(config, log_dir)
+    return " ".join(head + [shlex.quote(flag) for flag in flags]) + " " + shlex.join(_script(config))
 
 
 def _exports(config: RunnerConfig, env: Mapping[str, str]) -> list[str]:
@@ -117,8 +122,21 @@ def _exports(config: RunnerConfig, env: Mapping[str, str]) -> list[str]:
     return [f"export {name}={shlex.quote(env[name])}" for name in config.env_forward]
 
 
-def plan_launch(config: RunnerConfig, world_size: int, *, python: str, cwd: str, env: Mapping[str, str]) -> LaunchPlan:
-    """The commands that start ``world_size`` processes as ``config`` says."""
+def plan_launch(
+    config: RunnerConfig,
+    world_size: int,
+    *,
+    python: str,
+    cwd: str,
+    env: Mapping[str, str],
+    log_dir: str | Path | None = None,
+) -> LaunchPlan:
+    """The commands that start ``world_size`` processes as ``config`` says.
+
+    ``log_dir`` is the run's ``logger.log_dir``: per-rank logs go to ``<log_dir>/ranks`` (with
+    ``runner.rank_logs``), a Slurm job script to ``<log_dir>/<job_name>.sbatch``.
+    """
+    logs = Path(log_dir) if log_dir is not None else None
     if config.runner_type == RunnerType.LOCAL:
         nproc = _nproc_per_node(config, [], 1, world_size)
         if config.master_port == DEFAULT_MASTER_PORT and config.master_addr is None:
@@ -126,13 +144,13 @@ def plan_launch(config: RunnerConfig, world_size: int, *, python: str, cwd: str,
         else:
             rendezvous = [f"--master-addr={config.master_addr or '127.0.0.1'}", f"--master-port={config.master_port}"]
         argv = [python, "-m", _LAUNCHER, "--nnodes=1", f"--nproc-per-node={nproc}", *rendezvous]
-        return LaunchPlan(argv=argv + _common_flags(config) + _script(config))
+        return LaunchPlan(argv=argv + _common_flags(config, logs) + _script(config))
 
     hosts = _hosts(config)
     workdir = config.workdir or cwd
     exports = _exports(config, env)
     if config.runner_type == RunnerType.SLURM:
-        return _plan_slurm(config, hosts, world_size, workdir, exports)
+        return _plan_slurm(config, hosts, world_size, workdir, exports, logs)
     if not hosts:
         raise ConfigError(f"runner.hosts: runner_type '{config.runner_type.value}' needs hosts or a hostsfile")
     nproc = _nproc_per_node(config, hosts, len(hosts), world_size)
@@ -142,6 +160,7 @@ def plan_launch(config: RunnerConfig, world_size: int, *, python: str, cwd: str,
         [f"--nnodes={len(hosts)}", "--node-rank=%n", f"--nproc-per-node={nproc}", f"--master-addr={master}",
          f"--master-port={config.master_port}"],
         config,
+        logs,
     )  # fmt: skip
     if config.runner_type == RunnerType.PDSH_DOCKER:
         launcher = _in_docker(config, launcher, workdir, env)
@@ -168,7 +187,7 @@ def _in_docker(config: RunnerConfig, launcher: str, workdir: str, env: Mapping[s
 
 
 def _plan_slurm(
-    config: RunnerConfig, hosts: list[Host], world_size: int, workdir: str, exports: list[str]
+    config: RunnerConfig, hosts: list[Host], world_size: int, workdir: str, exports: list[str], log_dir: Path | None
 ) -> LaunchPlan:
     slurm = config.slurm
     if hosts:
@@ -197,6 +216,7 @@ def _plan_slurm(
         ["--nnodes=$SLURM_NNODES", "--node-rank=$SLURM_NODEID", f"--nproc-per-node={nproc}",
          "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv-id=$SLURM_JOB_ID"],
         config,
+        log_dir,
     )  # fmt: skip
     if config.master_addr is not None:
         master = f"export MASTER_ADDR={shlex.quote(config.master_addr)}"
@@ -212,5 +232,5 @@ def _plan_slurm(
         f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(launcher)}",
     ]
     script = "\n".join([*header, "", *body]) + "\n"
-    script_path = Path(config.log_dir or ".") / f"{slurm.job_name}.sbatch"
+    script_path = (log_dir or Path(".")) / f"{slurm.job_name}.sbatch"
     return LaunchPlan(argv=["sbatch", str(script_path)], sbatch_script=script)

@@ -92,10 +92,12 @@ class RunnerConfig(BaseConfig):
     )
     script_args: list[str] = Field(default_factory=list, description="Arguments passed to the script.")
     max_restarts: int = Field(0, ge=0, description="Restarts of the whole local world after a failure (torchrun).")
-    log_dir: Path | None = Field(
-        None,
-        description="Directory for per-rank logs (torchrun --log-dir, output also kept on the console) and, for "
-        "slurm, the sbatch script; relative paths are relative to workdir on remote nodes.",
+    rank_logs: bool = Field(
+        False,
+        description="Also write every rank's stdout and stderr to files under <logger.log_dir>/ranks/ (torchrun "
+        "--log-dir; the console keeps them, each line prefixed with its rank, and the workers then see no terminal, "
+        "so no progress bar). Needs logger.log_dir, the one log directory of a run; relative paths are relative "
+        "to workdir on remote nodes.",
     )
     env_forward: list[str] = Field(
         default_factory=list,
@@ -124,6 +126,18 @@ class RunnerConfig(BaseConfig):
             if not _ENV_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not an environment variable name (letters, digits, '_')")
         return names
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_dir_moved(cls, data: object) -> object:
+        # runner.log_dir and logger.log_dir were two keys for one directory: an old config says which to use.
+        if isinstance(data, dict) and "log_dir" in data:
+            raise InvalidCombination(
+                "runner.log_dir is gone: a run has one log directory, logger.log_dir; set that instead (and "
+                "runner.rank_logs: true for per-rank log files under <logger.log_dir>/ranks/)",
+                "log_dir",
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> RunnerConfig:

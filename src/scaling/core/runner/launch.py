@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TextIO
 
 from scaling.core.config import ConfigError
-from scaling.core.runner.commands import LaunchPlan, plan_launch
+from scaling.core.runner.commands import RANK_LOGS, LaunchPlan, plan_launch
 from scaling.core.runner.config import RunnerConfig, RunnerType
 from scaling.core.runner.lifetime import die_with_parent
 
@@ -28,23 +28,33 @@ __all__ = ["launch", "plan_for_this_machine"]
 _REQUIRED_TOOL = {RunnerType.PDSH: "pdsh", RunnerType.PDSH_DOCKER: "pdsh", RunnerType.SLURM: "sbatch"}
 
 
-def plan_for_this_machine(config: RunnerConfig, world_size: int) -> LaunchPlan:
+def plan_for_this_machine(config: RunnerConfig, world_size: int, log_dir: str | Path | None = None) -> LaunchPlan:
     """``plan_launch`` with this interpreter (local runs), this directory and this environment."""
-    return plan_launch(config, world_size, python=sys.executable, cwd=os.getcwd(), env=dict(os.environ))
+    return plan_launch(
+        config, world_size, python=sys.executable, cwd=os.getcwd(), env=dict(os.environ), log_dir=log_dir
+    )
 
 
-def launch(config: RunnerConfig, world_size: int, dry_run: bool = False, *, out: TextIO | None = None) -> int:
+def launch(
+    config: RunnerConfig,
+    world_size: int,
+    dry_run: bool = False,
+    *,
+    out: TextIO | None = None,
+    log_dir: str | Path | None = None,
+) -> int:
     """Start ``world_size`` processes as ``config`` says; returns the launcher's exit code.
 
     Local runs return the exit code of ``torch.distributed.run`` (run by ``scaling.core.runner.agent``:
     non-zero when any rank failed, 2 when for bad input), pdsh runs
     the largest exit code over the nodes, Slurm runs that of ``sbatch`` (the job itself runs later). With
     ``dry_run`` the commands (and the sbatch script) are written to ``out`` (stdout) and 0 is returned.
+    ``log_dir``: the run's ``logger.log_dir`` (per-rank logs with ``runner.rank_logs``, the sbatch script).
 
     Raises:
         ConfigError: the config cannot start this world, or a required tool is not on PATH.
     """
-    plan = plan_for_this_machine(config, world_size)
+    plan = plan_for_this_machine(config, world_size, log_dir)
     if dry_run:
         (out or sys.stdout).write(plan.describe())
         return 0
@@ -53,8 +63,8 @@ def launch(config: RunnerConfig, world_size: int, dry_run: bool = False, *, out:
         raise ConfigError(
             f"runner.runner_type: '{config.runner_type.value}' needs the '{tool}' command, which is not on PATH"
         )
-    if config.log_dir is not None:
-        Path(config.log_dir).mkdir(parents=True, exist_ok=True)
+    if config.rank_logs and log_dir is not None:
+        (Path(log_dir) / RANK_LOGS).mkdir(parents=True, exist_ok=True)
     if plan.sbatch_script is not None:
         # Overwriting is safe: sbatch copies the script when it submits, so queued jobs keep their own.
         script_path = Path(plan.argv[-1])
