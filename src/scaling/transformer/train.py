@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "scaling train") -> int:
             runner = config.runner.model_copy(
                 update={"script": "scaling.transformer.train", "module": True, "script_args": script_args}
             )
-            return launch(runner, config.topology.n_ranks)
+            return launch(runner, config.topology.n_ranks, log_dir=config.logger.log_dir)
         train(config)
         shutdown_distributed()
     except ConfigError as exc:
