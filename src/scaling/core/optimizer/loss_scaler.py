@@ -5,6 +5,10 @@ On an overflow (inf/nan in any rank's gradients; the caller agrees on it over al
 skipped and, once ``hysteresis`` overflows have been seen since the last growth, the scale is multiplied
 by ``1 / factor`` (not below ``min_scale``). After ``growth_interval`` clean steps in a row the scale grows
 by ``factor``. bf16 and fp32 need no scaler: their exponent range is fp32's.
+
+A back-off that is due while the scale already sits at ``min_scale`` sets :attr:`DynamicLossScaler.exhausted`:
+scaling cannot help any more (the gradients are non-finite at the smallest scale allowed, so the model
+itself diverged), and the training loop stops the run instead of skipping steps forever.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class DynamicLossScaler:
         self.scale = config.initial_scale
         self._clean_steps = 0
         self._hysteresis_left = config.hysteresis
+        self.exhausted = False  # a back-off was due at min_scale: the caller stops the run
 
     def update(self, found_overflow: bool) -> bool:
         """Record this step's outcome; returns True when the step must be skipped."""
@@ -42,6 +47,8 @@ class DynamicLossScaler:
             self._clean_steps = 0
             self._hysteresis_left -= 1
             if self._hysteresis_left <= 0:
+                if self.scale <= self.config.min_scale:
+                    self.exhausted = True
                 self.scale = max(self.scale / self.config.factor, self.config.min_scale)
             return True
         self._clean_steps += 1

@@ -7,8 +7,10 @@ One call of :meth:`Optimizer.step` after ``module.train_step``:
 2. with ZeRO, reduce-scatter the local gradient sums over data-parallel ranks straight into this rank's
    shards (the module's own all-reduce is switched off: half the gradient traffic);
 3. compute the global gradient norm (each weight once over tp x pp, shards summed over dp); a non-finite
-   norm is an overflow, seen identically by every rank because the norm is reduced over every rank that
-   holds a distinct part of it — the step is skipped and the loss scale lowered;
+   norm (or a non-finite step loss, when the caller passes it) is an overflow, seen identically by every
+   rank because the norm is reduced over every rank that holds a distinct part of it and the step loss
+   is the same on every rank — the step is skipped (weights and Adam state untouched) and, with fp16,
+   the loss scale lowered. Deciding it reads the norm and the loss to the host once: the step's only sync;
 4. clip; set each group's learning rate from its schedule;
 5. run ``torch.optim.AdamW`` on the fp32 master shards (the whole vector without ZeRO, ``1 / dp`` of it
    with ZeRO), then copy the masters back into the model (all-gathered over dp with ZeRO).
@@ -19,6 +21,7 @@ The update math is PyTorch's own AdamW applied to flat fp32 vectors, so a single
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +50,8 @@ class OptimizerStepResult:
     learning_rates: dict[str, float] = field(default_factory=dict)
     loss_scale: float = 1.0
     skipped: bool = False
+    grad_norm_value: float = 0.0  # the norm on the host, read once for the skip decision (no further sync)
+    loss_scale_exhausted: bool = False  # fp16: an overflow at the scaler's minimum scale; the run must stop
 
 
 class Optimizer:
@@ -97,7 +102,9 @@ class Optimizer:
         """Multiply the loss by this before backward (``module.train_step(..., loss_scale=...)``)."""
         return self.scaler.scale if self.scaler is not None else 1.0
 
-    def step(self, step: int) -> OptimizerStepResult:
+    def step(self, step: int, loss: torch.Tensor | None = None) -> OptimizerStepResult:
+        """Update the weights from the gradients of ``module.train_step``, or skip the update when the
+        gradient norm or the step's ``loss`` (``StepResult.loss``, identical on every rank) is not finite."""
         grads = {id(p): self.module.main_grad(p) for p in self._params}
         if self.scaler is not None:
             inverse = 1.0 / self.scaler.scale
@@ -116,22 +123,32 @@ class Optimizer:
         else:
             counted = [grads[id(p)] for p in self._params if id(p) in self._counted]
             norm = global_grad_norm(counted, topology.model_group, topology.device)
-        overflow = not bool(torch.isfinite(norm))  # the one host sync of the step: skip or not
+        # The one host sync of the step: skip or not (the loss travels in the same copy).
+        checked = [norm.float()] if loss is None else [norm.float(), loss.detach().float().to(norm.device)]
+        values = torch.stack(checked).tolist()
+        norm_value = values[0]
+        overflow = not all(math.isfinite(v) for v in values)
         lrs = {slot.group.name: learning_rate_at(step, slot.group.learning_rate_schedule) for slot in self.slots}
         if overflow:
             for shard in self.shards:
                 shard.master.grad = None
             scale_before = self.loss_scale
+            exhausted = False
             if self.scaler is not None:
                 self.scaler.update(found_overflow=True)
+                exhausted = self.scaler.exhausted
+            what = "gradient norm" if not math.isfinite(norm_value) else "loss"
             _logger.warning(
-                "step %d: gradient norm is %s, update skipped; loss scale %g -> %g",
+                "step %d: %s is %s, update skipped; loss scale %g -> %g",
                 step,
-                float(norm),
+                what,
+                norm_value if what == "gradient norm" else values[1],
                 scale_before,
                 self.loss_scale,
             )
-            return OptimizerStepResult(norm, norm, lrs, scale_before, skipped=True)
+            return OptimizerStepResult(
+                norm, norm, lrs, scale_before, skipped=True, grad_norm_value=norm_value, loss_scale_exhausted=exhausted
+            )
         for shard in self.shards:
             if not self.sharded:
                 shard.set_grad(grads)
@@ -148,7 +165,7 @@ class Optimizer:
         scale_used = self.loss_scale
         if self.scaler is not None:
             self.scaler.update(found_overflow=False)
-        return OptimizerStepResult(norm, clipped, lrs, scale_used)
+        return OptimizerStepResult(norm, clipped, lrs, scale_used, grad_norm_value=norm_value)
 
     # State ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

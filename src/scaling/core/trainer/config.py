@@ -42,15 +42,18 @@ class TrainerConfig(BaseConfig):
     assert_checkpoint_loaded: bool = Field(
         False, description="Fail when load_dir holds no checkpoint instead of starting from scratch."
     )
-    allow_fresh_start_beside_checkpoints: bool = Field(
-        False,
-        description="Start from scratch although save_dir already holds checkpoints (load_dir unset or empty). "
-        "Off, such a run is refused: a typo in load_dir must not train anew and let keep_last_n_checkpoints "
-        "delete the real checkpoints. On, older checkpoints there may be deleted by keep_last_n_checkpoints.",
-    )
     eval_interval: int | None = Field(None, ge=1, description="Evaluate every N steps; never when unset.")
     eval_iterations: int = Field(1, ge=1, description="Global batches per evaluation.")
-    log_interval: int = Field(1, ge=1, description="Write metrics every N steps.")
+    log_interval: int = Field(
+        1, ge=1, description="Write metrics, and a progress line to the console, every N steps (and the first)."
+    )
+    max_consecutive_skips: int = Field(
+        5,
+        ge=1,
+        description="Stop the run after this many steps in a row with a non-finite loss or gradient norm "
+        "(skipped, not applied). fp16 overflows follow the loss scaler instead: only one at its minimum "
+        "scale stops the run.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:

@@ -8,6 +8,7 @@ step, saves a checkpoint and returns; all ranks agree on stopping through one ti
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -19,19 +20,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from scaling.core.checkpoint import check_save_dir, load_checkpoint, save_checkpoint
-from scaling.core.checkpoint.discovery import verify_checkpoint
-from scaling.core.checkpoint.preflight import expected_checkpoint_bytes
-from scaling.core.checkpoint.resume import continues_to, resume_source
-from scaling.core.config import ConfigError
+from scaling.core.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from scaling.core.data.loader import DistributedDataLoader
 from scaling.core.logging import MetricsLogger, get_logger
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.topology.rng import RngTracker
 from scaling.core.trainer.config import TrainerConfig
+from scaling.core.trainer.console import parameter_counts, progress_line, startup_block
 from scaling.core.trainer.context import TrainingContext
+from scaling.core.trainer.nonfinite import StepHealth
 
 __all__ = ["Trainer"]
 
@@ -72,15 +72,13 @@ class Trainer:
 
     # Checkpoints -----------------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, torch.Tensor]:
-        """What only this rank knows: its random streams. The data position is global (``_run_state``)."""
-        state = {"torch_rng": torch.get_rng_state()}
+        state = {
+            "data_consumed": torch.tensor(self.train_data.state_dict()["consumed"]),
+            "torch_rng": torch.get_rng_state(),
+        }
         if self.rng_tracker is not None:
             state.update({f"tracker_{k}": v for k, v in self.rng_tracker.state_dict().items()})
         return state
-
-    def _run_state(self) -> dict[str, Any]:
-        """Facts of the whole run, stored once in the manifest: samples consumed and the data seed."""
-        return {"data": self.train_data.state_dict()}
 
     def save(self) -> None:
         if self.config.save_dir is None:
@@ -92,75 +90,25 @@ class Trainer:
             self.optimizer,
             config=self.context.config.to_dict(),
             rank_state=self._rank_state(),
-            run_state=self._run_state(),
             keep_last=self.config.keep_last_n_checkpoints,
             files=self.checkpoint_files,
         )
         _logger.info("saved checkpoint of step %d to %s", self.context.step, self.config.save_dir)
 
-    def _prepare_checkpoints(self) -> bool:
-        """Checks before the first step, then the load; False when the run is already complete.
-
-        Refuses (before anything trains or is written) a run that would start fresh beside existing
-        checkpoints, a checkpoint beyond ``train_iterations``, and a ``save_dir`` that cannot take one
-        more checkpoint.
-        """
-        source = self._resume_source()
-        if source is not None and self.config.load == "everything":
-            step = int(verify_checkpoint(source)["step"])
-            if not continues_to(step, self.config.train_iterations, source):
-                if self.context.topology.global_rank == 0:
-                    _logger.warning(
-                        "%s is at step %d = trainer.train_iterations: the run is complete, nothing to do",
-                        source,
-                        step,
-                    )
-                return False
-        if self.config.save_dir is not None:
-            check_save_dir(self.config.save_dir, self._checkpoint_bytes())
-        self.load()
-        return True
-
-    def _checkpoint_bytes(self) -> int:
-        """The size of one checkpoint of this model and optimizer (collective: sums over model-parallel ranks)."""
-        weights = optimizer_state = 0
-        if self.context.topology.dp_rank == 0:
-            for p in self.module.parameters():
-                if not self.module.is_tied_copy(p):
-                    weights += p.numel() * p.element_size()
-                    optimizer_state += p.numel() if p.requires_grad else 0
-        total = torch.tensor([weights, optimizer_state], dtype=torch.float64, device=self.context.topology.device)
-        dist.all_reduce(total)
-        return int(total[0]) + expected_checkpoint_bytes(int(total[1]), 0, with_optimizer=True)
-
-    def _resume_source(self) -> Path | None:
-        c = self.config
-        return resume_source(
-            c.load_dir,
-            c.save_dir,
-            allow_fresh_start=c.allow_fresh_start_beside_checkpoints,
-            require_checkpoint=c.assert_checkpoint_loaded,
-        )
-
     def load(self) -> bool:
-        """Restore as configured; returns whether a checkpoint was loaded.
-
-        Only a ``load_dir`` that does not exist or holds nothing a checkpoint leaves means "start fresh"
-        (and only when ``save_dir`` holds no checkpoints, see :func:`resume_source`); any other problem
-        raises ``CheckpointError`` naming the file. With ``load: everything`` the data position comes
-        from the manifest (one global value, so any number of data-parallel ranks resumes at the same
-        sample; older checkpoints: from the rank state). Random streams: see
-        :func:`~scaling.core.checkpoint.io.saved_rank_for`; a rank with no saved stream keeps the ones it
-        was initialised with from the seed and its coordinates.
-        """
-        source = self._resume_source()
-        if source is None:
-            if self.config.load_dir is not None:
-                _logger.info("no checkpoint in %s yet: starting from scratch", self.config.load_dir)
+        """Restore from ``load_dir`` as configured; returns whether a checkpoint was loaded."""
+        if self.config.load_dir is None:
+            return False
+        try:
+            find_checkpoint(self.config.load_dir)
+        except CheckpointError:
+            if self.config.assert_checkpoint_loaded:
+                raise
+            _logger.info("no checkpoint in %s yet: starting from scratch", self.config.load_dir)
             return False
         mode = self.config.load
         info = load_checkpoint(
-            source,
+            self.config.load_dir,
             self.module,
             self.optimizer,
             load_optimizer=mode != "weights",
@@ -169,14 +117,8 @@ class Trainer:
         if mode == "everything":
             self.context.step = info.step
             state = info.rank_state
-            data = info.run_state.get("data")
-            if data is None and "data_consumed" in state:  # written before the position was global
-                data = {"consumed": int(state["data_consumed"]), "seed": self.train_data.seed}
-            if data is not None:
-                try:
-                    self.train_data.load_state_dict({"consumed": int(data["consumed"]), "seed": int(data["seed"])})
-                except ValueError as exc:
-                    raise ConfigError(f"resuming from {info.path}: {exc}") from None
+            if "data_consumed" in state:
+                self.train_data.load_state_dict({"consumed": int(state["data_consumed"]), "seed": self.train_data.seed})
             if "torch_rng" in state:
                 torch.set_rng_state(state["torch_rng"])
             if self.rng_tracker is not None and "tracker_default" in state:
@@ -199,42 +141,96 @@ class Trainer:
 
     # The loop --------------------------------------------------------------------------------------
     def evaluate(self) -> float:
+        """Mean loss over ``eval_iterations`` global batches of the eval data (the same on every rank)."""
         assert self.eval_data is not None
         losses = [self.module.eval_step(self.eval_data.next_batches(), step=self.context.step).loss]
         for _ in range(self.config.eval_iterations - 1):
             losses.append(self.module.eval_step(self.eval_data.next_batches(), step=self.context.step).loss)
         return float(torch.stack(losses).mean())
 
+    def _announce_start(self) -> None:
+        """The start-up block on rank 0: model size (summed over model-parallel ranks: every rank takes part),
+        layout, and where logs and checkpoints go."""
+        topo = self.context.topology
+        total, trainable = parameter_counts(self.module)
+        if topo.global_rank != 0:
+            return
+        run_config = self.context.config
+        precision = getattr(getattr(run_config, "precision", None), "precision", "float32")
+        precision = getattr(precision, "value", precision)  # the enum's name in the config
+        log_dir = getattr(getattr(run_config, "logger", None), "log_dir", None)
+        layout = {
+            "tp": topo.tp_size,
+            "pp": topo.pp_size,
+            "dp": topo.dp_size,
+            "micro batch": topo.config.micro_batch,
+            "gradient accumulation": topo.config.micro_batches,
+            "global batch": topo.config.global_batch,
+            "precision": precision,
+            "ZeRO": "on" if self.optimizer.config.zero else "off",
+        }
+        block = startup_block(
+            total=total,
+            trainable=trainable,
+            layout=layout,
+            log_dir=log_dir,
+            save_dir=self.config.save_dir,
+            save_interval=self.config.save_interval,
+            start_step=self.context.step,
+            train_iterations=self.config.train_iterations,
+        )
+        _logger.info("%s", block)
+
     def run(self) -> TrainingContext:
-        if not self._prepare_checkpoints():  # resume and save_dir checks, then the load
-            return self.context  # the checkpoint already reached train_iterations
+        """Train to ``train_iterations``; returns the context. Raises :class:`TrainingDiverged` (on every rank
+        alike) when steps stay non-finite; see :mod:`scaling.core.trainer.nonfinite`.
+
+        The console line (:func:`~scaling.core.trainer.console.progress_line`) is written by global rank 0,
+        where every one of its fields is known without communication; the metrics sinks are written by the
+        metrics rank (last pipeline stage, dp 0, tp 0), which also has the loss function's own metrics.
+        """
+        self.load()
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._request_stop)
         topo = self.context.topology
+        is_console_rank = topo.global_rank == 0
+        health = StepHealth(self.config.max_consecutive_skips, announce=is_console_rank)
+        loss_scaling = self.optimizer.scaler is not None
+        self._announce_start()
         progress = None
-        if topo.global_rank == 0 and sys.stderr.isatty():  # the loss is known on every rank
+        redirect = contextlib.ExitStack()
+        if is_console_rank and sys.stderr.isatty():  # the bar for terminals; log lines are written above it
             progress = tqdm(total=self.config.train_iterations, initial=self.context.step, desc="training")
+            redirect.enter_context(logging_redirect_tqdm([get_logger()]))
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0  # since the last console line
         try:
             while self.context.step < self.config.train_iterations:
                 step = self.context.step
                 start = time.perf_counter()
                 batches = self.train_data.next_batches()
                 result = self.module.train_step(batches, step=step, loss_scale=self.optimizer.loss_scale)
-                update = self.optimizer.step(step)
+                update = self.optimizer.step(step, result.loss)
                 self.context.step += 1
                 self.context.consumed_samples = self.train_data.consumed
+                health.record(self.context.step, update, result.loss, loss_scaling=loss_scaling)
                 seconds = time.perf_counter() - start
-                if self.context.step % self.config.log_interval == 0 or self.context.step == 1:
+                tokens = _tokens_in(batches) * topo.dp_size
+                window_steps, window_tokens = window_steps + 1, window_tokens + tokens
+                last = self.context.step == self.config.train_iterations
+                at_log = self.context.step % self.config.log_interval == 0 or self.context.step == 1 or last
+                record: dict[str, float] = {}
+                if at_log:
                     record = {
                         "loss": float(result.loss),
-                        "grad_norm": float(update.grad_norm),
+                        "grad_norm": update.grad_norm_value,
                         "grad_norm_clipped": float(update.grad_norm_clipped),
                         "loss_scale": update.loss_scale,
                         "skipped": float(update.skipped),
+                        "skipped_steps": float(health.skipped_steps),
                         "step_time_s": seconds,
                         "samples_per_s": topo.config.global_batch / seconds,
-                        "tokens_per_s": _tokens_in(batches) * topo.dp_size / seconds,
+                        "tokens_per_s": tokens / seconds,
                         **{f"lr/{name}": lr for name, lr in update.learning_rates.items()},
                         **{k: float(v) for k, v in result.metrics.items()},
                     }
@@ -244,19 +240,41 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                 interval = self.config.eval_interval
+                eval_loss = None
                 if self.eval_data is not None and interval is not None and self.context.step % interval == 0:
-                    self._log({"eval/loss": self.evaluate()})
+                    eval_loss = self.evaluate()
+                    self._log({"eval/loss": eval_loss})
+                if is_console_rank and (at_log or eval_loss is not None):
+                    elapsed = time.perf_counter() - window_start
+                    per_step = elapsed / window_steps
+                    _logger.info(
+                        "%s",
+                        progress_line(
+                            step=self.context.step,
+                            total=self.config.train_iterations,
+                            loss=record["loss"] if record else float(result.loss),
+                            learning_rate=next(iter(update.learning_rates.values()), 0.0),
+                            grad_norm=update.grad_norm_value,
+                            seconds_per_step=per_step,
+                            tokens_per_s=window_tokens / elapsed if window_tokens else None,
+                            samples_per_s=window_steps * topo.config.global_batch / elapsed,
+                            skipped_steps=health.skipped_steps,
+                            eval_loss=eval_loss,
+                        ),
+                    )
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
                 stop = self._all_agree_to_stop()
                 at_interval = (
                     self.config.save_interval is not None and self.context.step % self.config.save_interval == 0
                 )
-                if at_interval or stop or self.context.step == self.config.train_iterations:
+                if at_interval or stop or last:
                     self.save()
                 if stop:
                     break
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            redirect.close()
             if progress is not None:
                 progress.close()
         return self.context
