@@ -1,0 +1,23 @@
+"""The README stays inside the repository and its commands stay true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_points_nowhere_outside_the_repository() -> None:
+    assert not re.findall(r"https?://|www\.", README)
+    assert "../" not in README  # no paths above the repository root
+    for target in re.findall(r"\]\(([^)]+)\)", README):  # markdown links lead to files of this repository
+        assert (REPO / target.split("#")[0]).exists(), target
+
+
+def test_readme_commands_match_the_cli() -> None:
+    # `scaling config template` with no --class prints a `scaling train` config (see tests/cli/test_config_template.py)
+    assert "scaling config template > run.yml" in README and "scaling train run.yml" in README
+    assert "runner.log_dir" not in README and "logger.log_dir" in README
+    assert "python -m examples.transformer_example.run\nexamples/transformer_example/config.yml" in README
