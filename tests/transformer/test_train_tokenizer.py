@@ -87,3 +87,23 @@ def test_prepare_data_never_overwrites_an_existing_dataset(
     assert sorted(p.name for p in tmp_path.glob("data*")) == [existing.name]
     assert scaling_main([*argv, "--overwrite"]) == 0
     assert len(MemoryMapDataset(prefix)) == 1
+
+
+def test_readme_says_how_to_get_a_tokenizer_and_its_finetuning_examples_load(tmp_path: Path, corpus: Path) -> None:
+    import re
+
+    from scaling.transformer.data.datasets import FinetuningDataset
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert "scaling train-tokenizer" in readme and "--vocab-size" in readme and "tokenizer.json" in readme
+    blocks = re.findall(r"```json\n(.*?)```", readme, flags=re.DOTALL)
+    assert len(blocks) >= 2
+    tokenizer = tmp_path / "tokenizer.json"
+    assert scaling_main(["train-tokenizer", str(corpus), "--vocab-size", "300", "--output", str(tokenizer)]) == 0
+    for block, kind in zip(blocks[:2], ("prompt", "messages"), strict=True):
+        lines = block.strip().splitlines()
+        assert len(lines) == 2 and all(kind in json.loads(line) for line in lines)
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_text(block)
+        data = FinetuningDataset(path, Tokenizer.from_file(tokenizer), sequence_length=64)
+        assert len(data) == 2 and all(data[i]["loss_mask"].sum() > 0 for i in range(2))
