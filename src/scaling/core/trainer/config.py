@@ -42,6 +42,12 @@ class TrainerConfig(BaseConfig):
     assert_checkpoint_loaded: bool = Field(
         False, description="Fail when load_dir holds no checkpoint instead of starting from scratch."
     )
+    allow_fresh_start_beside_checkpoints: bool = Field(
+        False,
+        description="Start from scratch although save_dir already holds checkpoints (load_dir unset or empty). "
+        "Off, such a run is refused: a typo in load_dir must not train anew and let keep_last_n_checkpoints "
+        "delete the real checkpoints. On, older checkpoints there may be deleted by keep_last_n_checkpoints.",
+    )
     eval_interval: int | None = Field(None, ge=1, description="Evaluate every N steps; never when unset.")
     eval_iterations: int = Field(1, ge=1, description="Global batches per evaluation.")
     log_interval: int = Field(

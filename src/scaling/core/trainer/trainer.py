@@ -22,7 +22,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from scaling.core.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from scaling.core.checkpoint import check_save_dir, load_checkpoint, save_checkpoint
+from scaling.core.checkpoint.discovery import verify_checkpoint
+from scaling.core.checkpoint.preflight import expected_checkpoint_bytes
+from scaling.core.checkpoint.resume import continues_to, resume_source
+from scaling.core.config import ConfigError
 from scaling.core.data.loader import DistributedDataLoader
 from scaling.core.logging import MetricsLogger, get_logger
 from scaling.core.optimizer.optimizer import Optimizer
@@ -72,13 +76,15 @@ class Trainer:
 
     # Checkpoints -----------------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, torch.Tensor]:
-        state = {
-            "data_consumed": torch.tensor(self.train_data.state_dict()["consumed"]),
-            "torch_rng": torch.get_rng_state(),
-        }
+        """What only this rank knows: its random streams. The data position is global (``_run_state``)."""
+        state = {"torch_rng": torch.get_rng_state()}
         if self.rng_tracker is not None:
             state.update({f"tracker_{k}": v for k, v in self.rng_tracker.state_dict().items()})
         return state
+
+    def _run_state(self) -> dict[str, Any]:
+        """Facts of the whole run, stored once in the manifest: samples consumed and the data seed."""
+        return {"data": self.train_data.state_dict()}
 
     def save(self) -> None:
         if self.config.save_dir is None:
@@ -90,25 +96,75 @@ class Trainer:
             self.optimizer,
             config=self.context.config.to_dict(),
             rank_state=self._rank_state(),
+            run_state=self._run_state(),
             keep_last=self.config.keep_last_n_checkpoints,
             files=self.checkpoint_files,
         )
         _logger.info("saved checkpoint of step %d to %s", self.context.step, self.config.save_dir)
 
+    def _prepare_checkpoints(self) -> bool:
+        """Checks before the first step, then the load; False when the run is already complete.
+
+        Refuses (before anything trains or is written) a run that would start fresh beside existing
+        checkpoints, a checkpoint beyond ``train_iterations``, and a ``save_dir`` that cannot take one
+        more checkpoint.
+        """
+        source = self._resume_source()
+        if source is not None and self.config.load == "everything":
+            step = int(verify_checkpoint(source)["step"])
+            if not continues_to(step, self.config.train_iterations, source):
+                if self.context.topology.global_rank == 0:
+                    _logger.warning(
+                        "%s is at step %d = trainer.train_iterations: the run is complete, nothing to do",
+                        source,
+                        step,
+                    )
+                return False
+        if self.config.save_dir is not None:
+            check_save_dir(self.config.save_dir, self._checkpoint_bytes())
+        self.load()
+        return True
+
+    def _checkpoint_bytes(self) -> int:
+        """The size of one checkpoint of this model and optimizer (collective: sums over model-parallel ranks)."""
+        weights = optimizer_state = 0
+        if self.context.topology.dp_rank == 0:
+            for p in self.module.parameters():
+                if not self.module.is_tied_copy(p):
+                    weights += p.numel() * p.element_size()
+                    optimizer_state += p.numel() if p.requires_grad else 0
+        total = torch.tensor([weights, optimizer_state], dtype=torch.float64, device=self.context.topology.device)
+        dist.all_reduce(total)
+        return int(total[0]) + expected_checkpoint_bytes(int(total[1]), 0, with_optimizer=True)
+
+    def _resume_source(self) -> Path | None:
+        c = self.config
+        return resume_source(
+            c.load_dir,
+            c.save_dir,
+            allow_fresh_start=c.allow_fresh_start_beside_checkpoints,
+            require_checkpoint=c.assert_checkpoint_loaded,
+        )
+
     def load(self) -> bool:
-        """Restore from ``load_dir`` as configured; returns whether a checkpoint was loaded."""
-        if self.config.load_dir is None:
-            return False
-        try:
-            find_checkpoint(self.config.load_dir)
-        except CheckpointError:
-            if self.config.assert_checkpoint_loaded:
-                raise
-            _logger.info("no checkpoint in %s yet: starting from scratch", self.config.load_dir)
+        """Restore as configured; returns whether a checkpoint was loaded.
+
+        Only a ``load_dir`` that does not exist or holds nothing a checkpoint leaves means "start fresh"
+        (and only when ``save_dir`` holds no checkpoints, see :func:`resume_source`); any other problem
+        raises ``CheckpointError`` naming the file. With ``load: everything`` the data position comes
+        from the manifest (one global value, so any number of data-parallel ranks resumes at the same
+        sample; older checkpoints: from the rank state). Random streams: see
+        :func:`~scaling.core.checkpoint.io.saved_rank_for`; a rank with no saved stream keeps the ones it
+        was initialised with from the seed and its coordinates.
+        """
+        source = self._resume_source()
+        if source is None:
+            if self.config.load_dir is not None:
+                _logger.info("no checkpoint in %s yet: starting from scratch", self.config.load_dir)
             return False
         mode = self.config.load
         info = load_checkpoint(
-            self.config.load_dir,
+            source,
             self.module,
             self.optimizer,
             load_optimizer=mode != "weights",
@@ -117,8 +173,14 @@ class Trainer:
         if mode == "everything":
             self.context.step = info.step
             state = info.rank_state
-            if "data_consumed" in state:
-                self.train_data.load_state_dict({"consumed": int(state["data_consumed"]), "seed": self.train_data.seed})
+            data = info.run_state.get("data")
+            if data is None and "data_consumed" in state:  # written before the position was global
+                data = {"consumed": int(state["data_consumed"]), "seed": self.train_data.seed}
+            if data is not None:
+                try:
+                    self.train_data.load_state_dict({"consumed": int(data["consumed"]), "seed": int(data["seed"])})
+                except ValueError as exc:
+                    raise ConfigError(f"resuming from {info.path}: {exc}") from None
             if "torch_rng" in state:
                 torch.set_rng_state(state["torch_rng"])
             if self.rng_tracker is not None and "tracker_default" in state:
@@ -189,7 +251,8 @@ class Trainer:
         where every one of its fields is known without communication; the metrics sinks are written by the
         metrics rank (last pipeline stage, dp 0, tp 0), which also has the loss function's own metrics.
         """
-        self.load()
+        if not self._prepare_checkpoints():  # resume and save_dir checks, then the load
+            return self.context  # the checkpoint already reached train_iterations
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._request_stop)
