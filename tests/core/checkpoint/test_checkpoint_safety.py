@@ -321,3 +321,34 @@ def test_non_finite_tensors_are_never_published(tmp_path: Path, topology: Topolo
         run.save()
     assert sorted(p.name for p in save_dir.iterdir()) == ["global_step2", "latest"]
     assert _snapshot(save_dir) == before
+
+
+def _rank_one_runs_out_of_space(save_dir: str) -> str:
+    """Two data-parallel ranks; only rank 1 fails to write (its rank-state file), after step 1 was saved."""
+    from scaling.core.checkpoint import io as checkpoint_io
+
+    topo = Topology(TopologyConfig(data_parallel_size=2, micro_batch_size=2, global_batch_size=8))
+    module = ParallelModule(model_specs(topo, 1, 0.0), topo, Loss(topo), seed=1)
+    state = {"torch_rng": torch.get_rng_state()}
+    save_checkpoint(save_dir, 1, module, rank_state=state)
+    if topo.global_rank == 1:
+
+        def full_disk(path: Path, *args: Any, **kwargs: Any) -> str:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        checkpoint_io.write_tensors = full_disk  # type: ignore[assignment]
+    try:
+        save_checkpoint(save_dir, 2, module, rank_state=state)
+    except CheckpointError as exc:
+        return str(exc)
+    return "saved"
+
+
+def test_a_write_error_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path) -> None:
+    from scaling.core.testing import run_distributed
+
+    errors = run_distributed(_rank_one_runs_out_of_space, 2, str(tmp_path), timeout_s=60)
+    failed = tmp_path / ".global_step2.incomplete" / "rank_state" / "rank00001.safetensors"
+    assert errors == [f"could not write checkpoint file {failed}: No space left on device"] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step1", "latest"]
+    assert (tmp_path / "latest").read_text() == "global_step1"

@@ -138,13 +138,16 @@ class Trainer:
         return int(total[0]) + expected_checkpoint_bytes(int(total[1]), 0, with_optimizer=True)
 
     def _resume_source(self) -> Path | None:
-        c = self.config
-        return resume_source(
-            c.load_dir,
-            c.save_dir,
-            allow_fresh_start=c.allow_fresh_start_beside_checkpoints,
-            require_checkpoint=c.assert_checkpoint_loaded,
-        )
+        """The checkpoint to load, None to start fresh; resolved once (a broken 'latest' is reported once)."""
+        if not hasattr(self, "_source"):
+            c = self.config
+            self._source = resume_source(
+                c.load_dir,
+                c.save_dir,
+                allow_fresh_start=c.allow_fresh_start_beside_checkpoints,
+                require_checkpoint=c.assert_checkpoint_loaded,
+            )
+        return self._source
 
     def load(self) -> bool:
         """Restore as configured; returns whether a checkpoint was loaded.
