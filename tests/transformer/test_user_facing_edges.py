@@ -72,6 +72,30 @@ def test_more_pipeline_stages_than_layers_is_a_config_error_naming_both_fields(
     _one_message(capsys.readouterr().err, str(path), "topology.pipe_parallel_size", "architecture.num_layers", "(3)")
 
 
+def test_more_virtual_stages_than_model_pieces_is_a_config_error(tmp_path: Path) -> None:
+    layout = {"pipe_parallel_size": 2, "virtual_pipe_stages": 3, "pipe_schedule": "interleaved_1f1b",
+              "gradient_accumulation_steps": 2}  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        TransformerConfig.from_dict(_run_config(tmp_path, topology=layout))
+    (problem,) = caught.value.problems
+    assert problem.startswith("topology.virtual_pipe_stages, architecture.num_layers: pipe_parallel_size (2) x ")
+    assert "= 6 stages, but the model has only 4 pieces" in problem
+
+
+@pytest.mark.parametrize("option", ["wandb", "tensorboard"])
+def test_logging_sink_without_its_package_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str
+) -> None:
+    monkeypatch.setitem(sys.modules, option, None)  # makes the package look not installed
+    document = _run_config(tmp_path, logger={option: True, "log_dir": str(tmp_path / "logs")})
+    with pytest.raises(ConfigError) as caught:
+        TransformerConfig.from_dict(document)
+    assert caught.value.problems == [
+        f"logger.{option}: {option} is true but the '{option}' package is not installed; install it with: "
+        f"pip install 'scaling[logging]' (or set {option}: false)"
+    ]
+
+
 def test_wandb_without_the_package_is_a_config_error_before_launch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -175,6 +199,9 @@ def test_transformer_example_runs_the_config_given_as_positional_argument(
     from examples.transformer_example import run
 
     assert run.build_parser().parse_args([]).config == run.CONFIG  # no argument: the bundled config
+    no_tokenizer = _write(tmp_path, _run_config(tmp_path), "no_tokenizer.yml")
+    assert run.main([str(no_tokenizer)]) == 2  # the given config is read (and checked) before anything runs
+    _one_message(capsys.readouterr().err, str(no_tokenizer), "data.tokenizer")
     monkeypatch.setattr(run, "MAX_CORPUS_BYTES", 150_000)  # a small corpus: the pipeline, not the model, is tested
     config = {
         "topology": {"micro_batch_size": 2, "gradient_accumulation_steps": 1},
