@@ -9,6 +9,7 @@ rank that restarted its data.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from ..pipeline.tp_models import Loss, model_specs
 from .test_checkpoint_safety import _Windows
 
 
-def _train(dp: int, trainer: dict[str, Any]) -> dict[str, Any]:
+def _train(dp: int, trainer: dict[str, Any], old_format: bool = False) -> dict[str, Any]:
     topo = Topology(TopologyConfig(data_parallel_size=dp, micro_batch_size=2, global_batch_size=8))
     module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo), seed=1)
     optimizer = Optimizer(
@@ -45,6 +46,10 @@ def _train(dp: int, trainer: dict[str, Any]) -> dict[str, Any]:
 
     data.next_batches = next_batches  # type: ignore[method-assign]
     run = Trainer(config, TrainingContext(config, topo), module, optimizer, data)
+    if old_format:  # as checkpoints were written before the data position was global: one copy per rank
+        rank_state = run._rank_state
+        run._rank_state = lambda: {**rank_state(), "data_consumed": torch.tensor(data.consumed)}  # type: ignore[method-assign]
+        run._run_state = lambda: None  # type: ignore[method-assign,assignment,return-value]
     run.run()
     return {"losses": [h["loss"] for h in run.history if "loss" in h], "seen": seen, "consumed": data.consumed}
 
@@ -70,3 +75,15 @@ def test_resume_on_another_number_of_data_parallel_ranks_continues_the_data_and_
         torch.testing.assert_close(
             torch.tensor(r["losses"]), torch.tensor(straight[0]["losses"][4:]), rtol=1e-5, atol=1e-6
         )
+
+
+@pytest.mark.timeout(240)
+def test_checkpoints_with_a_per_rank_data_position_still_resume_on_more_ranks(tmp_path: Path) -> None:
+    straight = run_distributed(_train, 1, 1, {"train_iterations": 6, "log_interval": 1}, timeout_s=120)
+    saving = {"train_iterations": 3, "save_dir": str(tmp_path), "log_interval": 1}
+    run_distributed(_train, 1, 1, saving, True, timeout_s=120)
+    manifest = json.loads((tmp_path / "global_step3" / "manifest.json").read_text())
+    assert manifest["run_state"] is None  # the old format indeed
+    resume = {**saving, "train_iterations": 6, "load_dir": str(tmp_path), "assert_checkpoint_loaded": True}
+    resumed = run_distributed(_train, 2, 2, resume, timeout_s=120)
+    assert _global_batches(resumed) == _global_batches(straight)[3:]
