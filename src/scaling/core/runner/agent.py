@@ -12,7 +12,9 @@ inside a process that
 * turns a graceful stop (SIGTERM, SIGINT: the workers save and return) into exit code 0 without torchrun's
   ``SignalException`` traceback.
 
-torchrun's own log lines are silenced unless ``LOGLEVEL`` is set (torchrun's own switch for them).
+torchrun's own log lines are silenced unless ``LOGLEVEL`` is set (torchrun's own switch for them). After a
+failure or a signal, ranks that have not exited get SIGKILL after ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds
+(torchrun's setting, default 30): a graceful stop must save within it.
 """
 
 from __future__ import annotations
@@ -97,6 +99,33 @@ def _after_signal(directory: Path, signum: int, workers: int | None) -> int:
     return 0
 
 
+def _shutdown_timeout(args: Any) -> int:
+    configured = getattr(args, "shutdown_timeout", None)
+    return int(configured if configured is not None else os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+
+
+def _use_shutdown_timeout_everywhere(seconds: int) -> None:
+    """torch stops the workers of a failed world with a fixed 30 s grace (its process context's ``close`` and
+    the agent's ``_stop_workers`` ignore ``--shutdown-timeout`` / ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``), so a
+    rank that cannot react to SIGTERM (stopped, hung in a kernel) holds the job that long. Use the configured
+    timeout there too (a no-op where torch's internals differ)."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    if hasattr(LocalElasticAgent, "_stop_workers") and hasattr(LocalElasticAgent, "_shutdown"):
+
+        def stop_workers(self: Any, worker_group: Any) -> None:
+            self._shutdown(timeout=seconds)
+
+        LocalElasticAgent._stop_workers = stop_workers  # type: ignore[method-assign]
+    close = PContext.close
+
+    def close_within(self: Any, death_sig: signal.Signals | None = None, timeout: int = seconds) -> None:
+        close(self, death_sig, min(timeout, seconds))
+
+    PContext.close = close_within  # type: ignore[method-assign]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     die_with_parent(signal.SIGTERM)
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -105,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _quiet_torchrun()
     args = parse_args(list(sys.argv[1:] if argv is None else argv))  # type: ignore[no-untyped-call]
+    _use_shutdown_timeout_everywhere(_shutdown_timeout(args))
     directory = Path(tempfile.mkdtemp(prefix="scaling-run-"))
     os.environ[REPORT_DIR_ENV] = str(directory)  # the workers inherit this environment
     os.environ[AGENT_PID_ENV] = str(os.getpid())

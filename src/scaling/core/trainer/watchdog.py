@@ -3,10 +3,10 @@
 A rank that stops (SIGSTOP, a hung disk, a dead GPU) leaves every other rank blocked in its next collective
 until ``topology.collective_timeout_s`` passes, silently. The training loop beats the watchdog at each phase
 of a step (data, forward/backward, optimizer, evaluation, save); a thread warns when no beat came for
-``warn_after_s``, naming this rank, its coordinates, the step and the phase it is stuck in, and again every
-``warn_after_s`` while it stays stuck. The thread also notices when this process's parent (the launcher) is
-gone and sends this process SIGTERM, so it stops like on any SIGTERM (a fallback where the kernel's
-parent-death signal is not available).
+``warn_after_s``, naming this rank, its coordinates, the step and the phase it is stuck in, and again after
+twice, four times... that long while it stays stuck. The thread also notices when this process's parent
+(the launcher) is gone and sends this process SIGTERM, so it stops like on any SIGTERM (a fallback where
+the kernel's parent-death signal is not available).
 """
 
 from __future__ import annotations
@@ -84,18 +84,19 @@ class StallWatchdog:
 
     def _watch(self) -> None:
         poll_s = min(1.0, self.warn_after_s / 4)
-        warned_at = self._last_beat
+        beat, next_warning_s = self._last_beat, self.warn_after_s
         while not self._stopped.wait(poll_s):
             if self._parent is not None and os.getppid() != self._parent:
                 _logger.warning("%s: the launcher is gone; stopping after this step", self.where)
                 self._parent = None  # once is enough: the trainer stops after this step
                 os.kill(os.getpid(), signal.SIGTERM)
-            last = self._last_beat
-            now = time.monotonic()
-            if now - max(last, warned_at) >= self.warn_after_s:
-                warned_at = now
+            if self._last_beat != beat:  # progress: the next stall is warned about after warn_after_s again
+                beat, next_warning_s = self._last_beat, self.warn_after_s
+            idle_s = time.monotonic() - beat
+            if idle_s >= next_warning_s:
+                next_warning_s *= 2  # 60 s, 120 s, 240 s...: a long stall is not a warning every minute
                 self.warnings += 1
-                self._warn(self._message(now - last))
+                self._warn(self._message(idle_s))
 
     def _message(self, idle_s: float) -> str:
         text = (
