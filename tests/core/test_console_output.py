@@ -3,9 +3,17 @@ with the size of the whole model, the layout and where logs and checkpoints go."
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
 import re
+import select
+import signal
+import struct
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +55,8 @@ def test_progress_line_has_every_field() -> None:
     assert format_duration(3 * 3600 + 62) == "3:01:02"
 
 
-@pytest.mark.timeout(300)
-def test_scaling_train_prints_one_progress_line_per_log_interval_from_one_of_two_ranks(tmp_path: Path) -> None:
+def _tiny_run(tmp_path: Path, trainer: dict[str, Any]) -> Path:
+    """A config file of a tiny transformer on two pipeline stages, with its data."""
     generator = torch.Generator().manual_seed(0)
     with MemoryMapWriter(tmp_path / "corpus", vocab_size=64) as writer:
         for _ in range(40):
@@ -57,7 +65,7 @@ def test_scaling_train_prints_one_progress_line_per_log_interval_from_one_of_two
     config = {
         "topology": {"pipe_parallel_size": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 2},
         "architecture": ARCHITECTURE,
-        "trainer": {"train_iterations": 6, "log_interval": 2, "eval_interval": 4},
+        "trainer": trainer,
         "optimizer": {"training_groups": [{"learning_rate_schedule": {"learning_rate": 0.01,
                                                                        "learning_rate_decay_style": "constant"}}]},
         "data": {"prefixes": [str(tmp_path / "corpus")], "validation_fraction": 0.1},
@@ -65,6 +73,12 @@ def test_scaling_train_prints_one_progress_line_per_log_interval_from_one_of_two
     }  # fmt: skip
     path = tmp_path / "run.yml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_scaling_train_prints_one_progress_line_per_log_interval_from_one_of_two_ranks(tmp_path: Path) -> None:
+    path = _tiny_run(tmp_path, {"train_iterations": 6, "log_interval": 2, "eval_interval": 4})
     scaling = Path(sys.executable).with_name("scaling")
     result = subprocess.run([str(scaling), "train", str(path)], cwd=REPO, capture_output=True, text=True, timeout=280)
     output = result.stdout + result.stderr
@@ -109,3 +123,51 @@ def test_parameter_counts_are_the_whole_models_on_tp_2_and_pp_2(lora: bool) -> N
         for result in results:
             assert (result["total"], result["trainable"]) == (reference["total"], reference["trainable"]), layout
         assert all(r["local"] < reference["total"] for r in results)  # each rank holds part of it
+
+
+def _run_on_a_terminal(command: list[str], timeout_s: float) -> tuple[int | None, str]:
+    """Run ``command`` with stdout and stderr on a pseudo-terminal 160 columns wide; its output, raw."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, cwd=REPO,
+                               start_new_session=True)  # fmt: skip
+    os.close(terminal)
+    output = b""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if not ready:
+                if process.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # every writer closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        os.close(controller)
+    return process.returncode, output.decode(errors="replace")
+
+
+@pytest.mark.timeout(300)
+def test_on_a_terminal_other_ranks_lines_replace_the_progress_bar_instead_of_breaking_into_it(tmp_path: Path) -> None:
+    # Both stages log "saved checkpoint" while rank 0's bar is drawn: rank 1 is another process, so its lines
+    # must clear the bar's line first; rank 0's own lines go through the bar.
+    trainer = {"train_iterations": 4, "log_interval": 2, "save_dir": str(tmp_path / "ckpt"), "save_interval": 2}
+    scaling = str(Path(sys.executable).with_name("scaling"))
+    code, output = _run_on_a_terminal([scaling, "train", str(_tiny_run(tmp_path, trainer))], 280)
+    assert code == 0, output[-3000:]
+    assert re.search(r"\rtraining: +\d+%\|", output)  # the bar is drawn
+    rank_one = [m.start() for m in re.finditer(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+ \[rank 1 ", output)]
+    assert any("saved checkpoint" in output[at : at + 200] for at in rank_one)
+    assert all(output[:at].endswith("\r\x1b[2K") for at in rank_one)  # back to column 0, the line cleared
+    progress = [m.start() for m in re.finditer(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO \[rank 0 [^]]*\] step \d", output)]
+    assert len(progress) == 3 and all(output[:at].endswith("\r\x1b[2K") for at in progress)

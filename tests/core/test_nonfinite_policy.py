@@ -119,6 +119,7 @@ def _run(
         "untouched": [untouched[i] for i in sorted(untouched)],
         "error": error,
         "warnings": [m for m in logged if "gradient norm is exactly 0" in m],
+        "skip_warnings": [m for m in logged if " skipped: loss " in m],
         "scale": optimizer.loss_scale,
     }
 
@@ -134,6 +135,11 @@ def test_a_non_finite_loss_on_one_rank_skips_that_step_on_every_rank_and_counts_
         skipped = [h["skipped"] for h in result["history"] if "skipped" in h]
         assert skipped == [0.0, 0.0, 1.0, 0.0, 0.0]
         assert [h["skipped_steps"] for h in result["history"] if "skipped_steps" in h] == [0, 0, 1, 1, 1]
+    # One line about it, from rank 0 only, numbered as the console and the metrics number steps.
+    assert results[0]["skip_warnings"] == [
+        "step 3 skipped: loss nan, gradient norm 1.7 (1 in a row; 5 in a row stop the run)"
+    ]
+    assert results[1]["skip_warnings"] == []
 
 
 def test_consecutive_non_finite_steps_stop_the_run_on_every_rank_with_one_line() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,3 +159,13 @@ def test_mlp_example_runs_end_to_end(tmp_path: Path, layout: list[str], target: 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
     assert any("eval/loss" in r for r in records)
+    # Progress while it trains: one line per log interval (10 steps), the first and the last step, once each
+    # (however many processes), with eval loss where it evaluated.
+    progress = re.findall(
+        r"step (\d+)/(\d+) \| loss \d+\.\d{4} \| lr \S+ \| grad norm \S+ \| \S+ (?:tokens|samples)/s \| "
+        r"\d+\.\d\d s/step \| ETA \d+:\d\d:\d\d( \| eval loss \d+\.\d\d)?",
+        result.stdout + result.stderr,
+    )
+    total = int(progress[0][1])
+    assert [int(step) for step, _, _ in progress] == sorted({1, *range(10, total + 1, 10), total})
+    assert [bool(evaluated) for step, _, evaluated in progress] == [int(step) % 10 == 0 for step, _, _ in progress]

@@ -2,6 +2,12 @@
 
 ``2026-11-24 11:40:00 INFO [rank 3 pp0 dp1 tp1] message``: with hundreds of ranks writing into one
 stream, a line without its coordinates is useless for debugging.
+
+On a terminal, rank 0 may be drawing a progress bar on the last line while other ranks (other processes:
+they cannot go through rank 0's bar) write theirs. Each line therefore starts by returning to column 0
+and clearing that line, so it replaces the half-drawn bar instead of being glued to its end; the bar is
+drawn again below it at its next update. Rank 0's own lines go through the bar (``tqdm.write``) while
+it is shown.
 """
 
 from __future__ import annotations
@@ -16,6 +22,16 @@ __all__ = ["configure_logging", "get_logger"]
 
 _ROOT = "scaling"
 _HANDLER_NAME = "scaling-rank-aware"
+
+
+_CLEAR_LINE = "\r\x1b[2K"  # carriage return, then erase the whole line (a progress bar drawn there)
+
+
+class _LineClearingFormatter(logging.Formatter):
+    """Prefixes every record with :data:`_CLEAR_LINE`; used only when the stream is a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _CLEAR_LINE + super().format(record)
 
 
 class _RankFilter(logging.Filter):
@@ -56,9 +72,8 @@ def configure_logging(
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s [%(rank_prefix)s] %(message)s", "%Y-%m-%d %H:%M:%S")
-    )
+    formatter = _LineClearingFormatter if sys.stderr.isatty() else logging.Formatter
+    handler.setFormatter(formatter("%(asctime)s %(levelname)s [%(rank_prefix)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
     handler.addFilter(_RankFilter(prefix))
     logger.addHandler(handler)
     return logger

@@ -21,6 +21,7 @@ The update math is PyTorch's own AdamW applied to flat fp32 vectors, so a single
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,7 +139,9 @@ class Optimizer:
                 self.scaler.update(found_overflow=True)
                 exhausted = self.scaler.exhausted
             what = "gradient norm" if not math.isfinite(norm_value) else "loss"
-            _logger.warning(
+            # An fp16 overflow is the scaler's routine; any other skip the training loop reports (and counts).
+            _logger.log(
+                logging.WARNING if self.scaler is not None else logging.DEBUG,
                 "step %d: %s is %s, update skipped; loss scale %g -> %g",
                 step,
                 what,

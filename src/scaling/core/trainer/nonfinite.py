@@ -84,6 +84,15 @@ class StepHealth:
                     "lower the learning rate, train in bfloat16, or lower optimizer.loss_scaler.min_scale"
                 )
             return
+        if self._skip_streak < self.max_consecutive_skips and self.announce:
+            _logger.warning(
+                "step %d skipped: loss %.4g, gradient norm %.3g (%d in a row; %d in a row stop the run)",
+                step,
+                float(loss),
+                norm,
+                self._skip_streak,
+                self.max_consecutive_skips,
+            )
         if self._skip_streak >= self.max_consecutive_skips:
             raise TrainingDiverged(
                 f"training diverged: {self._skip_streak} steps in a row ({self._skip_streak_start}-{step}) had a "
