@@ -83,4 +83,7 @@ def test_resume_errors_from_scaling_train_are_one_line_naming_what_and_where(fin
     typo = checkpoints.with_name("ckpt_typo")
     mistyped = _one_line_error(_train(finished_run, "trainer.train_iterations=4", f"trainer.load_dir={typo}"))
     assert f"trainer.load_dir {typo} holds no checkpoint" in mistyped and f"trainer.save_dir {checkpoints}" in mistyped
+    a_file = checkpoints / "global_step2" / "manifest.json"
+    not_a_dir = _one_line_error(_train(finished_run, f"trainer.save_dir={a_file}", f"trainer.load_dir={typo}"))
+    assert not_a_dir.endswith(f"trainer.save_dir {a_file} is a file, not a directory")
     assert _snapshot(checkpoints) == before
