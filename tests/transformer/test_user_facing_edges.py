@@ -6,25 +6,22 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 from scaling.cli.main import main as scaling_main
-from scaling.core.checkpoint import save_checkpoint
 from scaling.core.config import ConfigError
-from scaling.core.optimizer.config import OptimizerConfig
-from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.topology import Topology
 from scaling.transformer.config import TransformerConfig
 from scaling.transformer.convert import from_huggingface, save_huggingface
 from scaling.transformer.train import main as train_main
 
-from .test_convert import _hf_model, _load, topology  # noqa: F401  (fixture)
+from .test_convert import _hf_model, topology  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 transformers = pytest.importorskip("transformers")  # installed with the test extras (as in test_convert.py)
@@ -146,22 +143,23 @@ LLAMA3_LONG = {
 
 
 @pytest.mark.timeout(120)
-def test_convert_round_trip_through_training_keeps_context_length_and_rope_scaling(
-    tmp_path: Path,
-    topology: Topology,  # noqa: F811
-) -> None:
+def test_convert_round_trip_through_training_keeps_context_length_and_rope_scaling(tmp_path: Path) -> None:
     hf = _hf_model(tmp_path / "hf", "llama3", **copy.deepcopy(LLAMA3_LONG))
-    checkpoint = from_huggingface(hf, tmp_path / "scaling")
-    # Finetune on samples shorter than the model's context (max_position_embeddings 64, sequence_length 16).
-    config = TransformerConfig.from_yaml(tmp_path / "scaling" / "finetune.yml", ["architecture.sequence_length=16"])
-    module = _load(topology, checkpoint)
-    module.train()
-    optimizer = Optimizer(module, OptimizerConfig())
-    tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(1))
-    module.train_step([{"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}], step=0)
-    optimizer.step(0)
-    saved = {"architecture": config.architecture.to_dict(), "precision": config.precision.to_dict()}
-    save_checkpoint(tmp_path / "tuned", 1, module, config=saved, files={"tokenizer.json": hf / "tokenizer.json"})
+    from_huggingface(hf, tmp_path / "scaling")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"w{3 + i} w{4 + i}", "completion": f" w{5 + i}"}) + "\n"
+                            for i in range(40)))  # fmt: skip
+    # Finetune with the written finetune.yml on samples shorter than the model's context (64 -> 16).
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("scaling")), "train", str(tmp_path / "scaling" / "finetune.yml"),
+         "-o", f"data.finetuning_jsonl={data}", "-o", "architecture.sequence_length=16",
+         "-o", "trainer.train_iterations=2", "-o", "topology.gradient_accumulation_steps=1",
+         "-o", f"trainer.save_dir={tmp_path / 'tuned'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "tuned" / "global_step2" / "manifest.json").read_text())
+    assert manifest["config"]["architecture"]["sequence_length"] == 16  # trained short
     out = save_huggingface(tmp_path / "tuned", tmp_path / "out")
     # Read both as transformers does (the installed version may write rope_parameters instead of rope_scaling).
     before, after = transformers.LlamaConfig.from_pretrained(hf), transformers.LlamaConfig.from_pretrained(out)
