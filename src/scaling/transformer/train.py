@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from scaling.core.checkpoint import CheckpointError, find_checkpoint
@@ -20,8 +22,10 @@ from scaling.core.logging import MetricsLogger, configure_logging
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.runner import launch
+from scaling.core.runner.worker import BAD_INPUT_ERRORS, one_line, run_as_worker
 from scaling.core.topology import RngTracker, Topology, init_distributed, shutdown_distributed
 from scaling.core.trainer import Trainer, TrainingContext
+from scaling.core.trainer.nonfinite import TrainingDiverged
 from scaling.transformer.config import TransformerConfig
 from scaling.transformer.data.checks import (
     check_data_tokenizer,
@@ -33,6 +37,7 @@ from scaling.transformer.data.datasets import FinetuningDataset, PretrainingData
 from scaling.transformer.data.tokenizer import Tokenizer
 from scaling.transformer.finetuning.apply import finetuning_adapter
 from scaling.transformer.model.layers import LanguageModelLoss, loss_tokens, transformer_layer_specs
+from scaling.transformer.preflight import check_before_launch
 
 __all__ = ["main", "train"]
 
@@ -163,26 +168,59 @@ def train(config: TransformerConfig) -> Trainer:
     return trainer
 
 
+def _train_this_rank(config: TransformerConfig) -> int:
+    """One rank's whole run; after a graceful stop (SIGTERM, SIGINT) rank 0 says so in one line."""
+    trainer = train(config)
+    stopped = trainer.context.step < config.trainer.train_iterations
+    if stopped and trainer.context.topology.global_rank == 0:
+        cause = signal.Signals(trainer.stop_signal).name if trainer.stop_signal else "a signal to another rank"
+        save_dir = config.trainer.save_dir
+        saved = f"checkpoint saved to {save_dir}" if save_dir is not None else "no checkpoint (trainer.save_dir unset)"
+        print(f"stopped at step {trainer.context.step} on {cause}; {saved}", file=sys.stderr, flush=True)
+    shutdown_distributed()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "scaling train") -> int:
+    """Train; returns the exit code: 0 (done, or stopped gracefully), 2 (bad input), 1 (anything else).
+
+    Started by hand, everything that can be checked before the ranks start is checked here
+    (``check_before_launch``), then the ranks are launched. Started as a rank, errors are reported to the
+    launcher (``run_as_worker``), which prints the first one once.
+    """
     parser = argparse.ArgumentParser(prog=prog, description="Train a transformer on the topology in CONFIG.")
     parser.add_argument("config", help="YAML config (see `scaling config template --class "
                         "scaling.transformer.config:TransformerConfig`).")  # fmt: skip
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args(argv)
+    if "RANK" in os.environ:  # a rank of a launched world
+        rank = int(os.environ["RANK"])
+        return run_as_worker(
+            lambda: _train_this_rank(TransformerConfig.from_yaml(args.config, args.override)),
+            prog,
+            rank,
+            one_line_errors=(TrainingDiverged,),
+        )
     try:
         config = TransformerConfig.from_yaml(args.config, args.override)
-        if "RANK" not in os.environ and config.topology.n_ranks > 1:
-            script_args = [args.config, *[a for o in args.override for a in ("-o", o)]]
-            runner = config.runner.model_copy(
-                update={"script": "scaling.transformer.train", "module": True, "script_args": script_args}
-            )
-            return launch(runner, config.topology.n_ranks, log_dir=config.logger.log_dir)
-        train(config)
-        shutdown_distributed()
+        check_before_launch(config)
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except BAD_INPUT_ERRORS as exc:
+        print(f"{prog}: {one_line(exc)}", file=sys.stderr)
+        return 2
+    if config.topology.n_ranks > 1:
+        script_args = [args.config, *[a for o in args.override for a in ("-o", o)]]
+        runner = config.runner.model_copy(
+            update={"script": "scaling.transformer.train", "module": True, "script_args": script_args}
+        )
+        try:
+            return launch(runner, config.topology.n_ranks, log_dir=config.logger.log_dir)
+        except ConfigError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 2
+    return run_as_worker(partial(_train_this_rank, config), prog, 0, one_line_errors=(TrainingDiverged,))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,13 @@ class TrainerConfig(BaseConfig):
     log_interval: int = Field(
         1, ge=1, description="Write metrics, and a progress line to the console, every N steps (and the first)."
     )
+    stall_warning_s: float = Field(
+        60.0,
+        gt=0,
+        description="Warn (naming the rank, its coordinates, the step and its phase) when a rank makes no "
+        "progress for this many seconds: it is usually waiting for a stopped or slow rank, and fails only "
+        "when topology.collective_timeout_s passes.",
+    )
     max_consecutive_skips: int = Field(
         5,
         ge=1,

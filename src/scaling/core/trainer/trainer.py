@@ -9,6 +9,7 @@ step, saves a checkpoint and returns; all ranks agree on stopping through one ti
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from scaling.core.trainer.config import TrainerConfig
 from scaling.core.trainer.console import parameter_counts, progress_line, startup_block
 from scaling.core.trainer.context import TrainingContext
 from scaling.core.trainer.nonfinite import StepHealth
+from scaling.core.trainer.watchdog import StallWatchdog
 
 __all__ = ["Trainer"]
 
@@ -72,6 +74,7 @@ class Trainer:
         self.is_logging_rank = topo.is_last_pipe_stage and topo.dp_rank == 0 and topo.tp_rank == 0
         self.metrics = metrics
         self._stop_requested = False
+        self.stop_signal: int | None = None  # the signal that asked this rank to stop, if one did
         self.history: list[dict[str, float]] = []  # what was logged, for callers and tests
 
     # Checkpoints -----------------------------------------------------------------------------------
@@ -198,11 +201,23 @@ class Trainer:
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         _logger.warning("received signal %d: saving a checkpoint after this step and stopping", signum)
         self._stop_requested = True
+        self.stop_signal = signum
 
     def _all_agree_to_stop(self) -> bool:
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.context.topology.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+    # Watchdog --------------------------------------------------------------------------------------
+    def _start_watchdog(self) -> StallWatchdog:
+        topo = self.context.topology
+        where = f"rank {topo.global_rank} (pp {topo.pp_rank}, dp {topo.dp_rank}, tp {topo.tp_rank})"
+        return StallWatchdog(
+            self.config.stall_warning_s,
+            where,
+            collective_timeout_s=topo.config.collective_timeout_s,
+            watch_parent="RANK" in os.environ,
+        ).start()
 
     # The loop --------------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -260,6 +275,7 @@ class Trainer:
         for s in previous:
             signal.signal(s, self._request_stop)
         topo = self.context.topology
+        watchdog = self._start_watchdog()
         is_console_rank = topo.global_rank == 0
         health = StepHealth(self.config.max_consecutive_skips, announce=is_console_rank)
         loss_scaling = self.optimizer.scaler is not None
@@ -274,8 +290,11 @@ class Trainer:
             while self.context.step < self.config.train_iterations:
                 step = self.context.step
                 start = time.perf_counter()
+                watchdog.beat("data", step)
                 batches = self.train_data.next_batches()
+                watchdog.beat("forward/backward", step)
                 result = self.module.train_step(batches, step=step, loss_scale=self.optimizer.loss_scale)
+                watchdog.beat("optimizer", step)
                 update = self.optimizer.step(step, result.loss)
                 self.context.step += 1
                 self.context.consumed_samples = self.train_data.consumed
@@ -308,6 +327,7 @@ class Trainer:
                 interval = self.config.eval_interval
                 eval_loss = None
                 if self.eval_data is not None and interval is not None and self.context.step % interval == 0:
+                    watchdog.beat("evaluation", step)
                     eval_loss = self.evaluate()
                     self._log({"eval/loss": eval_loss})
                 if is_console_rank and (at_log or eval_loss is not None):
@@ -329,15 +349,18 @@ class Trainer:
                         ),
                     )
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                watchdog.beat("end-of-step all-reduce", step)
                 stop = self._all_agree_to_stop()
                 at_interval = (
                     self.config.save_interval is not None and self.context.step % self.config.save_interval == 0
                 )
                 if at_interval or stop or last:
+                    watchdog.beat("save", step)
                     self.save()
                 if stop:
                     break
         finally:
+            watchdog.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             redirect.close()

@@ -1,0 +1,132 @@
+"""An error inside the workers reaches the user once, with its rank and cause; exit code 2 for bad input.
+
+Real launches (`scaling launch` -> agent/torchrun -> 2 ranks) of a small script in which one rank raises and
+the other waits in a collective for it (and so fails too, secondarily). Before, each rank printed its own
+traceback and torchrun added its summary (ChildFailedError, "Root Cause"), with exit code 1 for everything.
+The launcher-side checks (`scaling train` refusing bad input before any worker starts) are tested last.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.core.processes import REPO, SCALING, tiny_run
+
+from scaling.core.runner.reports import WorkerReport
+from scaling.core.runner.worker import BAD_INPUT_ERRORS, run_as_worker
+
+_SCRIPT = """
+import os, sys
+import torch.distributed as dist
+from scaling.core.data import DataFileError
+from scaling.core.runner.worker import run_as_worker
+from scaling.core.topology import TopologyConfig, init_distributed
+
+def body():
+    topology = init_distributed(TopologyConfig(data_parallel_size=2, device="cpu"))
+    if topology.global_rank == int(sys.argv[1]):
+        if sys.argv[2] == "data":
+            raise DataFileError("corpus.bin holds 10 tokens, corpus.idx says 12 (truncated?)")
+        raise RuntimeError("boom in a worker")
+    dist.barrier()  # waits for the failing rank: fails once it is gone
+    return 0
+
+raise SystemExit(run_as_worker(body, "test-script", int(os.environ["RANK"])))
+"""
+
+
+def _launch(tmp_path: Path, failing_rank: int, kind: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "fail.py"
+    script.write_text(_SCRIPT)
+    config = tmp_path / "launch.yml"
+    config.write_text(yaml.safe_dump({
+        "runner": {"script": str(script), "module": False, "script_args": [str(failing_rank), kind]},
+        "topology": {"data_parallel_size": 2, "device": "cpu"},
+    }))  # fmt: skip
+    return subprocess.run([str(SCALING), "launch", str(config)], cwd=REPO, capture_output=True, text=True,
+                          timeout=150)  # fmt: skip
+
+
+@pytest.mark.timeout(180)
+def test_bad_input_in_a_worker_is_one_line_with_its_rank_and_exit_code_2(tmp_path: Path) -> None:
+    result = _launch(tmp_path, failing_rank=1, kind="data")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines == ["rank 1: corpus.bin holds 10 tokens, corpus.idx says 12 (truncated?)"], output
+
+
+@pytest.mark.timeout(180)
+def test_a_bug_in_a_worker_shows_its_traceback_once_and_exits_1(tmp_path: Path) -> None:
+    result = _launch(tmp_path, failing_rank=0, kind="bug")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert output.count("Traceback") == 1 and output.count("RuntimeError: boom in a worker") == 2, output
+    assert output.rstrip().endswith("rank 0 failed: RuntimeError: boom in a worker"), output
+    assert "ChildFailedError" not in output and "Root Cause" not in output
+
+
+def test_reports_from_collectives_come_after_a_rank_s_own_error(tmp_path: Path) -> None:
+    from scaling.core.runner.agent import summarize_failure
+
+    own = WorkerReport(1, 2, "data: missing file x.bin", "", time=20.0, collective=False)
+    lost_peer = WorkerReport(0, 1, "DistBackendError: Connection closed by peer", "tb", time=10.0, collective=True)
+    assert summarize_failure([lost_peer, own], {0: 1, 1: 2}) == ("rank 1: data: missing file x.bin", 2)
+    # A rank killed without a word (kill -9, out of memory) explains more than its peers' lost connections.
+    assert summarize_failure([lost_peer], {0: 1, 1: -9}) == ("rank 1 was killed by SIGKILL", 1)
+
+
+def test_bad_input_tuple_is_config_checkpoint_and_data_errors(tmp_path: Path) -> None:
+    from scaling.core.checkpoint import CheckpointError
+    from scaling.core.config import ConfigError
+    from scaling.core.data import DataFileError
+
+    assert set(BAD_INPUT_ERRORS) == {ConfigError, CheckpointError, DataFileError}
+
+    def bad() -> int:
+        raise CheckpointError("checkpoint ckpt/global_step3: manifest.json is missing")
+
+    assert run_as_worker(bad, "prog", 0) == 2
+
+
+def _train(config: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    argv = [str(SCALING), "train", str(config), *[a for o in overrides for a in ("-o", o)]]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=100,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def _one_line_before_launch(result: subprocess.CompletedProcess[str]) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert "rank" not in output  # no worker started: nothing was logged by a rank
+    return lines[0]
+
+
+@pytest.mark.timeout(120)
+def test_missing_data_file_is_refused_before_launch_in_one_line(tmp_path: Path) -> None:
+    config = tiny_run(tmp_path)
+    line = _one_line_before_launch(_train(config, f"data.prefixes=[{tmp_path / 'nothing'}]"))
+    assert "nothing" in line, line
+
+
+@pytest.mark.timeout(120)
+def test_save_dir_that_is_a_file_is_refused_before_launch_in_one_line(tmp_path: Path) -> None:
+    config = tiny_run(tmp_path)
+    (tmp_path / "a_file").write_text("not a directory")
+    line = _one_line_before_launch(_train(config, f"trainer.save_dir={tmp_path / 'a_file'}"))
+    assert "trainer.save_dir" in line and "a_file" in line, line
+
+
+@pytest.mark.timeout(120)
+def test_device_cuda_without_a_gpu_is_refused_before_launch_in_one_line(tmp_path: Path) -> None:
+    config = tiny_run(tmp_path)
+    result = _train(config, "topology.device=cuda", env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU, on any machine
+    line = _one_line_before_launch(result)
+    assert "topology.device" in line and "cuda" in line, line
