@@ -325,7 +325,7 @@ def test_non_finite_tensors_are_never_published(tmp_path: Path, topology: Topolo
 
 def _rank_one_runs_out_of_space(save_dir: str) -> str:
     """Two data-parallel ranks; only rank 1 fails to write (its rank-state file), after step 1 was saved."""
-    from scaling.core.checkpoint import io as checkpoint_io
+    from scaling.core.checkpoint import writes
 
     topo = Topology(TopologyConfig(data_parallel_size=2, micro_batch_size=2, global_batch_size=8))
     module = ParallelModule(model_specs(topo, 1, 0.0), topo, Loss(topo), seed=1)
@@ -336,7 +336,7 @@ def _rank_one_runs_out_of_space(save_dir: str) -> str:
         def full_disk(path: Path, *args: Any, **kwargs: Any) -> str:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        checkpoint_io.write_tensors = full_disk  # type: ignore[assignment]
+        writes.write_tensors = full_disk  # type: ignore[assignment]
     try:
         save_checkpoint(save_dir, 2, module, rank_state=state)
     except CheckpointError as exc:

@@ -28,7 +28,6 @@ from scaling.core.checkpoint.files import (
     fsync_dir,
     read_tensors,
     write_json,
-    write_tensors,
 )
 from scaling.core.checkpoint.layout import (
     LATEST,
@@ -41,6 +40,7 @@ from scaling.core.checkpoint.layout import (
     step_dir,
     step_of,
 )
+from scaling.core.checkpoint.writes import SaveWrites, first_error
 from scaling.core.logging import get_logger
 from scaling.core.nn.param_meta import get_param_meta, shard
 from scaling.core.optimizer.optimizer import Optimizer
@@ -102,10 +102,9 @@ def _commit(save_dir: Path, step: int, keep_last: int | None) -> Path:
     fsync_dir(save_dir)
     _remove_leftovers(save_dir, step)
     if keep_last is not None:  # never a checkpoint newer than the one just published
-        done = sorted((p for p in save_dir.iterdir() if (step_of(p) or 0) <= step), key=lambda p: step_of(p) or 0)
-        for old in [p for p in done if step_of(p) is not None][:-keep_last]:
-            if old != final:
-                shutil.rmtree(old)
+        steps = {p: s for p in save_dir.iterdir() if (s := step_of(p)) is not None and s <= step}
+        for old in sorted(steps, key=steps.__getitem__)[:-keep_last]:
+            shutil.rmtree(old)
     return final
 
 
@@ -140,44 +139,6 @@ def _set_aside(save_dir: Path, step: int) -> None:
         LATEST,
         aside.name,
     )
-
-
-class _Writes:
-    """One rank's writes during a save. The first failure (a full disk, a non-finite tensor) is recorded,
-    not raised, so the rank still joins the save's collectives and every rank learns of it."""
-
-    def __init__(self, work: Path, step: int) -> None:
-        self.work = work
-        self.step = step
-        self.digests: dict[str, str] = {}
-        self.error: str | None = None
-
-    def tensors(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], label: Any) -> None:
-        """Write ``tensors`` to ``path`` unless one is not finite; ``label(key)`` says what a tensor is."""
-        if self.error is not None:
-            return
-        for key, t in tensors.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                self.error = f"{label(key)} is not finite at step {self.step}: the checkpoint is not saved"
-                return
-        self.digests[path.relative_to(self.work).as_posix()] = self.guard(path, write_tensors, path, tensors, metadata)
-
-    def guard(self, path: Path, fn: Any, *args: Any) -> Any:
-        """``fn(*args)``, turning an ``OSError`` into the recorded failure naming ``path``."""
-        if self.error is not None:
-            return None
-        try:
-            return fn(*args)
-        except OSError as exc:
-            self.error = f"could not write checkpoint file {path}: {exc.strerror or exc}"
-            return None
-
-
-def _first_error(error: str | None) -> str | None:
-    """The first rank's failure, on every rank (collective)."""
-    every_rank: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, error)
-    return next((e for e in every_rank if e is not None), None)
 
 
 def save_checkpoint(
@@ -215,10 +176,10 @@ def save_checkpoint(
     unpublished = final.exists() and _is_unpublished(save_dir, step)
     if final.exists() and not unpublished:
         raise CheckpointError(f"{final} already exists; refusing to overwrite a saved checkpoint")
-    writes = _Writes(work, step)
+    writes = SaveWrites(work, step)
     if topo.global_rank == 0:
         writes.guard(work, _prepare, save_dir, step, unpublished)
-    if (error := _first_error(writes.error)) is not None:
+    if (error := first_error(writes.error)) is not None:
         raise CheckpointError(error)
 
     saved = [p for p in module.parameters() if weights == "all" or p.requires_grad]
@@ -263,7 +224,7 @@ def save_checkpoint(
         error = writes.error
     if topo.global_rank == 0 and error is not None:
         shutil.rmtree(work, ignore_errors=True)  # never published: nothing saved before is touched
-    if (error := _first_error(error)) is not None:
+    if (error := first_error(error)) is not None:
         raise CheckpointError(error)
     return final
 
@@ -280,7 +241,7 @@ def _prepare(save_dir: Path, step: int, unpublished: bool) -> None:
 
 
 def _save_per_layer(
-    writes: _Writes,
+    writes: SaveWrites,
     module: ParallelModule,
     tensors_of: dict[int, dict[str, torch.Tensor]],
     file_of: Any,
