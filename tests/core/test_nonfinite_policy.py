@@ -4,8 +4,12 @@ run when they do not end; fp16 overflows follow the loss scaler; a gradient norm
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -19,6 +23,7 @@ from scaling.core.topology import Topology, TopologyConfig
 from scaling.core.trainer import Trainer, TrainerConfig, TrainingContext, TrainingDiverged
 
 from .pipeline.tp_models import Loss, batches, model_specs
+from .test_console_output import REPO, _tiny_run
 
 
 class _Samples:
@@ -182,3 +187,21 @@ def test_a_gradient_norm_stuck_at_zero_is_warned_about_once_naming_the_steps() -
         "the gradient norm is exactly 0 at steps 4-6: nothing is learning (saturated activations, e.g. from a far "
         "too large learning rate, or no trainable parameter reached by the loss)"
     ]
+
+
+@pytest.mark.timeout(300)
+def test_scaling_train_stops_a_diverged_run_with_one_line_and_exit_code_1(tmp_path: Path) -> None:
+    # A learning rate of 1e30 makes the weights overflow on the next forward: every later step is non-finite
+    # on both pipeline stages, and after max_consecutive_skips in a row the run stops, nothing saved.
+    config = _tiny_run(tmp_path, {"train_iterations": 30, "max_consecutive_skips": 3,
+                                  "save_dir": str(tmp_path / "ckpt"), "save_interval": 10})  # fmt: skip
+    scaling = Path(sys.executable).with_name("scaling")
+    learning_rate = "optimizer.training_groups.0.learning_rate_schedule.learning_rate=1e30"
+    result = subprocess.run([str(scaling), "train", str(config), "-o", learning_rate],
+                            cwd=REPO, capture_output=True, text=True, timeout=280)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    diverged = [line for line in output.splitlines() if "training diverged: 3 steps in a row (2-4)" in line]
+    assert len(diverged) == 1, output[-3000:]
+    assert "Traceback" not in output
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("global_step*"))
