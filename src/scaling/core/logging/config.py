@@ -18,8 +18,9 @@ class LoggerConfig(BaseConfig):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Level of the text log.")
     log_dir: Path | None = Field(
         None,
-        description="Directory for metrics.jsonl (and TensorBoard event files under tensorboard/, W&B's files "
-        "under wandb/); no files are written when unset.",
+        description="The run's one log directory: metrics.jsonl (and TensorBoard event files under tensorboard/, "
+        "W&B's files under wandb/), every rank's stdout/stderr under ranks/ with runner.rank_logs, and a Slurm "
+        "job's sbatch script; no files are written when unset.",
     )
     tensorboard: bool = Field(False, description="Also write metrics as TensorBoard scalars (needs 'tensorboard').")
     wandb: bool = Field(False, description="Also send metrics to Weights & Biases (needs 'wandb').")
