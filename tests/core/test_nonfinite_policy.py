@@ -150,10 +150,12 @@ def test_a_non_finite_loss_on_one_rank_skips_that_step_on_every_rank_and_counts_
 def test_consecutive_non_finite_steps_stop_the_run_on_every_rank_with_one_line() -> None:
     # NaN gradients from step index 1 on, on the last pipeline stage: the first stage sees them through the
     # global norm, and both stages stop after max_consecutive_skips in a row.
-    trainer = {"train_iterations": 20, "max_consecutive_skips": 3}
+    trainer = {"train_iterations": 20, "max_consecutive_skips": 3, "log_interval": 10}
     results = run_distributed(_run, 2, {"pipe_parallel_size": 2}, trainer, "grads", list(range(1, 20)), [1])
     for result in results:
         assert result["step"] == 4  # steps 2, 3 and 4 skipped: the third in a row stops the run
+        last = result["history"][-1]  # the step that stops the run is logged although off the log interval
+        assert (last["step"], last["skipped"], last["skipped_steps"]) == (4, 1.0, 3)
         assert result["untouched"] == [False, True, True, True]
         assert result["error"] is not None and "\n" not in result["error"]
         assert result["error"].startswith("training diverged: 3 steps in a row (2-4) had a non-finite loss")

@@ -61,8 +61,11 @@ class StepHealth:
         self._zero_streak = 0
         self._zero_warned = False
 
-    def record(self, step: int, update: OptimizerStepResult, loss: torch.Tensor | float, *, loss_scaling: bool) -> None:
-        """Take note of the step that completed as ``step``; raises :class:`TrainingDiverged` to stop the run.
+    def record(
+        self, step: int, update: OptimizerStepResult, loss: torch.Tensor | float, *, loss_scaling: bool
+    ) -> TrainingDiverged | None:
+        """Take note of the step that completed as ``step``; returns the error that stops the run when it must
+        stop (the caller logs this last step first, then raises it).
 
         ``loss`` is the step's loss (read to the host only for the message of a stop); ``loss_scaling`` tells
         whether an fp16 loss scaler decides about overflows.
@@ -71,19 +74,19 @@ class StepHealth:
         norm = update.grad_norm_value
         if not update.skipped:
             self._skip_streak, self._skip_streak_start = 0, None
-            return
+            return None
         self.skipped_steps += 1
         self._skip_streak += 1
         if self._skip_streak_start is None:
             self._skip_streak_start = step
         if loss_scaling:
             if update.loss_scale_exhausted:
-                raise TrainingDiverged(
+                return TrainingDiverged(
                     f"training diverged at step {step}: the gradients overflow even at the fp16 loss scaler's "
                     f"minimum scale ({update.loss_scale:g}; loss {float(loss):g}, grad norm {norm:g}); "
                     "lower the learning rate, train in bfloat16, or lower optimizer.loss_scaler.min_scale"
                 )
-            return
+            return None
         if self._skip_streak < self.max_consecutive_skips and self.announce:
             _logger.warning(
                 "step %d skipped: loss %.4g, gradient norm %.3g (%d in a row; %d in a row stop the run)",
@@ -94,11 +97,12 @@ class StepHealth:
                 self.max_consecutive_skips,
             )
         if self._skip_streak >= self.max_consecutive_skips:
-            raise TrainingDiverged(
+            return TrainingDiverged(
                 f"training diverged: {self._skip_streak} steps in a row ({self._skip_streak_start}-{step}) had a "
                 f"non-finite loss or gradient norm (last: loss {float(loss):g}, grad norm {norm:g}) and "
                 "were skipped; lower the learning rate, check the data, or raise trainer.max_consecutive_skips"
             )
+        return None
 
     def _watch_zero_norm(self, step: int, update: OptimizerStepResult) -> None:
         zero = not update.skipped and math.isfinite(update.grad_norm_value) and update.grad_norm_value == 0.0

@@ -298,12 +298,13 @@ class Trainer:
                 update = self.optimizer.step(step, result.loss)
                 self.context.step += 1
                 self.context.consumed_samples = self.train_data.consumed
-                health.record(self.context.step, update, result.loss, loss_scaling=loss_scaling)
+                diverged = health.record(self.context.step, update, result.loss, loss_scaling=loss_scaling)
                 seconds = time.perf_counter() - start
                 tokens = _tokens_in(batches) * topo.dp_size
                 window_steps, window_tokens = window_steps + 1, window_tokens + tokens
                 last = self.context.step == self.config.train_iterations
                 at_log = self.context.step % self.config.log_interval == 0 or self.context.step == 1 or last
+                at_log = at_log or diverged is not None  # the step that stops the run is logged, then raised
                 record: dict[str, float] = {}
                 if at_log:
                     record = {
@@ -349,6 +350,8 @@ class Trainer:
                         ),
                     )
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                if diverged is not None:
+                    raise diverged
                 watchdog.beat("end-of-step all-reduce", step)
                 stop = self._all_agree_to_stop()
                 at_interval = (
