@@ -1,8 +1,11 @@
 """The training loop: data -> train_step -> optimizer -> metrics, with evaluation, checkpoints and signals.
 
-Every step logs loss, learning rate per group, gradient norm (before and after clipping), loss scale,
-step time, samples/s and tokens/s from the rank that holds the metrics (last pipeline stage, dp 0,
-tp 0), and shows a progress bar on rank 0 when stderr is a terminal. On SIGTERM or SIGINT the loop finishes the current
+Every ``log_interval`` steps (and the first and last) the loop logs loss, learning rate per group, gradient
+norm (before and after clipping), loss scale, skipped steps, step time, samples/s and tokens/s from the
+rank that holds the metrics (last pipeline stage, dp 0, tp 0); global rank 0 prints one progress line to
+the console and, when stderr is a terminal, draws a progress bar (see :mod:`scaling.core.trainer.console`).
+Steps with a non-finite loss or gradient norm are skipped and counted, and stop the run when they do not
+end (:mod:`scaling.core.trainer.nonfinite`). On SIGTERM or SIGINT the loop finishes the current
 step, saves a checkpoint and returns; all ranks agree on stopping through one tiny all-reduce per step.
 """
 
