@@ -74,9 +74,12 @@ def test_reports_from_collectives_come_after_a_rank_s_own_error(tmp_path: Path) 
 
     own = WorkerReport(1, 2, "data: missing file x.bin", "", time=20.0, collective=False)
     lost_peer = WorkerReport(0, 1, "DistBackendError: Connection closed by peer", "tb", time=10.0, collective=True)
-    assert summarize_failure([lost_peer, own], {0: 1, 1: 2}) == ("rank 1: data: missing file x.bin", 2)
-    # A rank killed without a word (kill -9, out of memory) explains more than its peers' lost connections.
-    assert summarize_failure([lost_peer], {0: 1, 1: -9}) == ("rank 1 was killed by SIGKILL", 1)
+    assert summarize_failure([lost_peer, own], {0: (1, 10), 1: (2, 20)}) == ("rank 1: data: missing file x.bin", 2)
+    # A rank killed without a word (kill -9, out of memory) explains more than its peers' lost connections...
+    assert summarize_failure([lost_peer], {0: (1, 10), 1: (-9, 10)}) == ("rank 1 was killed by SIGKILL", 1)
+    # ...unless torchrun killed it later, stopping the world after the collective failed (a stopped rank).
+    message, code = summarize_failure([lost_peer], {0: (1, 10), 1: (-9, 40)})
+    assert message.startswith("rank 0 failed in a collective: DistBackendError: Connection closed") and code == 1
 
 
 def test_bad_input_tuple_is_config_checkpoint_and_data_errors(tmp_path: Path) -> None:

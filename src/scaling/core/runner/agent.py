@@ -43,32 +43,41 @@ def _quiet_torchrun() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
-def summarize_failure(reports: Sequence[WorkerReport], exit_codes: Mapping[int, int]) -> tuple[str, int]:
+def summarize_failure(reports: Sequence[WorkerReport], exits: Mapping[int, tuple[int, float]]) -> tuple[str, int]:
     """The one message for a failed world and the exit code to return.
 
     ``reports`` come from the ranks that caught their error (most telling first, see ``read_reports``);
-    ``exit_codes`` are the ranks torchrun saw fail (negative: killed by that signal). An error a rank raised
-    itself explains the failure best; then a rank that died without a word (killed, out of memory); the
-    errors of collectives that only say a peer went away come last.
+    ``exits`` are the ranks torchrun saw fail: exit code (negative: killed by that signal) and when. An error a
+    rank raised itself explains the failure best; then a rank that died without a word (killed, out of memory)
+    before the others reported (one killed later was killed by torchrun's own shutdown); the errors of
+    collectives, which only say that a peer went away or timed out, come last.
     """
     own = [r for r in reports if not r.collective]
     if own:
         return _format(own[0]), own[0].exit_code
-    silent = sorted(rank for rank, code in exit_codes.items() if rank not in {r.rank for r in reports})
-    for rank in silent:
-        code = exit_codes[rank]
-        if code < 0:
+    reported = {r.rank for r in reports}
+    first_report = min((r.time for r in reports), default=float("inf"))
+    silent = sorted((rank, code, when) for rank, (code, when) in exits.items() if rank not in reported)
+    for rank, code, when in silent:
+        if code < 0 and when <= int(first_report) + 1:  # torchrun's times are whole seconds
             return f"rank {rank} was killed by {signal.Signals(-code).name}", 1
     if reports:
         return _format(reports[0]), reports[0].exit_code
-    for rank in silent:
-        return f"rank {rank} exited with code {exit_codes[rank]}", exit_codes[rank] or 1
+    for rank, code, _ in silent:
+        if code < 0:
+            return f"rank {rank} was killed by {signal.Signals(-code).name}", 1
+        return f"rank {rank} exited with code {code}", code or 1
     return "the run failed", 1
 
 
 def _format(report: WorkerReport) -> str:
     if report.exit_code == 2:
         return f"rank {report.rank}: {report.message}"
+    if report.collective:  # where it waited says little; which peer and why is what matters
+        return (
+            f"rank {report.rank} failed in a collective: {report.message}\n(another rank stopped, died or is too "
+            "slow; collectives wait topology.collective_timeout_s)"
+        )
     head = f"{report.traceback.rstrip()}\n" if report.traceback else ""
     return f"{head}rank {report.rank} failed: {report.message}"
 
@@ -144,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SignalException as exc:
         return _after_signal(directory, int(exc.sigval), _local_worker_count(args))
     except ChildFailedError as exc:
-        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
-        message, code = summarize_failure(read_reports(directory), codes)
+        exits = {rank: (failure.exitcode, float(failure.timestamp)) for rank, failure in exc.failures.items()}
+        message, code = summarize_failure(read_reports(directory), exits)
         print(message, file=sys.stderr)
         return code
     finally:

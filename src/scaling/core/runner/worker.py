@@ -36,6 +36,12 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
+def _from_a_collective(exc: BaseException) -> bool:
+    """Raised by a collective (gloo reports a lost or timed-out peer as a plain RuntimeError)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(word in text for word in ("gloo", "NCCL", "c10d"))
+
+
 def run_as_worker(
     body: Callable[[], int], prog: str, rank: int, *, one_line_errors: tuple[type[BaseException], ...] = ()
 ) -> int:
@@ -58,7 +64,7 @@ def run_as_worker(
             where = "" if code == 2 else f"rank {rank}: "
             print(f"{trace}{prog}: {where}{message}", file=sys.stderr)
         else:
-            collective = isinstance(exc, dist.DistError)
+            collective = _from_a_collective(exc)
             write_report(directory, WorkerReport(rank, code, message, trace, time.time(), collective))
         return code
     if directory is not None and code == 0:
