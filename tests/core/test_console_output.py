@@ -25,7 +25,7 @@ from scaling.core.data import MemoryMapWriter
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
-from scaling.core.trainer.console import format_duration, parameter_counts, progress_line
+from scaling.core.trainer.console import format_duration, parameter_counts, progress_line, startup_block
 from scaling.transformer.finetuning.apply import finetuning_adapter
 from scaling.transformer.finetuning.config import FinetuningConfig
 from scaling.transformer.model.config import TransformerArchitectureConfig
@@ -74,6 +74,19 @@ def _tiny_run(tmp_path: Path, trainer: dict[str, Any]) -> Path:
     path = tmp_path / "run.yml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def test_startup_block_names_trainable_parameters_and_where_checkpoints_go() -> None:
+    block = startup_block(total=1_234_567, trainable=12_345, layout={"tp": 2, "pp": 1, "ZeRO": "on"},
+                          log_dir=None, save_dir="runs/a", save_interval=50, start_step=100,
+                          train_iterations=200)  # fmt: skip
+    assert block.splitlines() == [
+        "model: 1.2M parameters (1,234,567), 12.3k trainable (12,345, 1.00%)",
+        "layout: tp 2, pp 1, ZeRO on",
+        "logs: console only (logger.log_dir is unset)",
+        "checkpoints: runs/a (every 50 steps and at the end)",
+        "training from step 100 to step 200",
+    ]
 
 
 @pytest.mark.timeout(300)
