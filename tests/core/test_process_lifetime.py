@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from scaling.core.runner.lifetime import die_with_parent
 
@@ -31,15 +32,18 @@ def _training(tmp_path: Path) -> tuple[Started, list[int]]:
 
 
 @pytest.mark.timeout(240)
-def test_sigterm_to_scaling_train_stops_every_worker_after_a_save_in_one_line_and_exit_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])  # SIGINT: Ctrl-C
+def test_signal_to_scaling_train_stops_every_worker_after_a_save_in_one_line_and_exit_0(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
     run, workers = _training(tmp_path)
     try:
-        run.process.send_signal(signal.SIGTERM)
+        run.process.send_signal(sig)
         code = run.wait(timeout_s=60)
         assert wait_gone(workers, timeout_s=10) == [], run.output[-3000:]
         assert code == 0, run.output[-3000:]
         stops = [line for line in run.lines if line.startswith("stopped at step")]
-        assert len(stops) == 1 and "on SIGTERM; checkpoint saved to" in stops[0], run.output[-3000:]
+        assert len(stops) == 1 and f"on {sig.name}; checkpoint saved to" in stops[0], run.output[-3000:]
         assert "Traceback" not in run.output and "SignalException" not in run.output
         step = int(stops[0].split()[3].rstrip(";"))
         assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{step}"
@@ -77,3 +81,34 @@ def _clear_parent_death_signal() -> None:
     import ctypes
 
     ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG 0: pytest must not get SIGUSR1 from its parent
+
+
+_LOOPING_SCRIPT = """
+import time
+from scaling.core.topology import TopologyConfig, init_distributed
+
+init_distributed(TopologyConfig(data_parallel_size=2, device="cpu"))
+print("ready", flush=True)
+while True:  # a script with no signal handling of its own: SIGTERM ends it
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_to_scaling_launch_reaches_every_rank_without_a_torchrun_traceback(tmp_path: Path) -> None:
+    script = tmp_path / "loop.py"
+    script.write_text(_LOOPING_SCRIPT)
+    config = tmp_path / "launch.yml"
+    config.write_text(yaml.safe_dump({"runner": {"script": str(script), "module": False},
+                                      "topology": {"data_parallel_size": 2, "device": "cpu"}}))  # fmt: skip
+    run = Started([str(SCALING), "launch", str(config)])
+    try:
+        run.wait_for("ready", _START_S)
+        started = descendants(run.process.pid)
+        run.process.send_signal(signal.SIGTERM)
+        code = run.wait(timeout_s=60)
+        assert wait_gone(started, timeout_s=10) == [], run.output
+        assert code == 128 + signal.SIGTERM, run.output  # stopped by the signal, as the script does not report
+        assert "Traceback" not in run.output and "SignalException" not in run.output, run.output
+    finally:
+        run.kill_all()

@@ -66,6 +66,8 @@ def summarize_failure(reports: Sequence[WorkerReport], exits: Mapping[int, tuple
     for rank, code, _ in silent:
         if code < 0:
             return f"rank {rank} was killed by {signal.Signals(-code).name}", 1
+        if code == 2:
+            return "", 2  # a script that reports bad input itself (and exits 2) has said all there is
         return f"rank {rank} exited with code {code}", code or 1
     return "the run failed", 1
 
@@ -155,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChildFailedError as exc:
         exits = {rank: (failure.exitcode, float(failure.timestamp)) for rank, failure in exc.failures.items()}
         message, code = summarize_failure(read_reports(directory), exits)
-        print(message, file=sys.stderr)
+        if message:
+            print(message, file=sys.stderr)
         return code
     finally:
         shutil.rmtree(directory, ignore_errors=True)
