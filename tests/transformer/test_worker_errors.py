@@ -133,3 +133,11 @@ def test_device_cuda_without_a_gpu_is_refused_before_launch_in_one_line(tmp_path
     result = _train(config, "topology.device=cuda", env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU, on any machine
     line = _one_line_before_launch(result)
     assert "topology.device" in line and "cuda" in line, line
+
+
+@pytest.mark.timeout(120)
+def test_generate_tensor_parallel_with_a_missing_checkpoint_is_one_line_before_launch(tmp_path: Path) -> None:
+    argv = [str(SCALING), "generate", str(tmp_path / "nothing"), "--tensor-parallel", "2", "--prompt", "hi"]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=100)
+    line = _one_line_before_launch(result)
+    assert line.startswith("scaling generate: ") and "nothing" in line, line

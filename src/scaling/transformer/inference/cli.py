@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scaling.core.checkpoint import CheckpointError
+from scaling.core.checkpoint import CheckpointError, find_checkpoint
 from scaling.core.config import ConfigError
 from scaling.core.runner import RunnerConfig, launch
 from scaling.core.topology import shutdown_distributed
@@ -62,6 +62,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "scaling generate") -> i
         print(f"{prog}: --tensor-parallel must be at least 1, got {args.tensor_parallel}", file=sys.stderr)
         return 2
     if args.tensor_parallel > 1 and "RANK" not in os.environ:  # started by hand: start the ranks, each runs this
+        try:  # before any rank starts: a missing checkpoint is one line here, not one per rank
+            find_checkpoint(args.checkpoint)
+        except CheckpointError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 2
         runner = RunnerConfig(script="scaling.transformer.inference.cli", module=True, script_args=arguments)
         return launch(runner, args.tensor_parallel)
     joined_a_world = torch.distributed.is_initialized()  # a caller's world is left as it was
