@@ -141,3 +141,18 @@ def test_generate_tensor_parallel_with_a_missing_checkpoint_is_one_line_before_l
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=100)
     line = _one_line_before_launch(result)
     assert line.startswith("scaling generate: ") and "nothing" in line, line
+
+
+@pytest.mark.timeout(240)
+def test_shape_mismatch_on_resume_in_the_workers_is_one_error_line_with_its_rank_and_exit_2(tmp_path: Path) -> None:
+    """Found only once the ranks build their model: reported by the launcher, once, naming the rank."""
+    config = tiny_run(tmp_path)
+    assert _train(config, "trainer.train_iterations=2").returncode == 0
+    resume = [f"trainer.load_dir={tmp_path / 'ckpt'}", "trainer.train_iterations=4"]
+    result = _train(config, *resume, "architecture.intermediate_size=48")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    errors = [line for line in output.splitlines() if "the checkpoint holds shape" in line]
+    assert len(errors) == 1 and errors[0].startswith("rank "), output
+    assert "[32, 16]" in errors[0] and "[48, 16]" in errors[0]
+    assert "Traceback" not in output and "ChildFailedError" not in output
