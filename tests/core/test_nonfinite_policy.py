@@ -22,22 +22,8 @@ from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
 from scaling.core.trainer import Trainer, TrainerConfig, TrainingContext, TrainingDiverged
 
-from .pipeline.tp_models import Loss, batches, model_specs
+from .pipeline.tp_models import Loss, SampleWindows, model_specs
 from .test_console_output import REPO, _tiny_run
-
-
-class _Samples:
-    def __init__(self) -> None:
-        self.samples = [{k: v[0] for k, v in b.items()} for b in batches(64, seed=9)]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.samples[index]
-
-    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([i[k] for i in items]) for k in items[0]}
 
 
 class _Poisoned(Loss):
@@ -85,7 +71,8 @@ def _run(
         optimizer_config["loss_scaler"] = scaler
     optimizer = Optimizer(module, OptimizerConfig.from_dict(optimizer_config))
     config = TrainerConfig.from_dict(trainer)
-    run = Trainer(config, TrainingContext(config, topo), module, optimizer, DistributedDataLoader(_Samples(), topo))
+    data = DistributedDataLoader(SampleWindows(), topo)
+    run = Trainer(config, TrainingContext(config, topo), module, optimizer, data)
     untouched: dict[int, bool] = {}  # step -> weights and Adam state equal before and after the optimizer step
     original_train_step, original_step = module.train_step, optimizer.step
 

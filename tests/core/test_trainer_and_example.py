@@ -23,23 +23,9 @@ from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
 from scaling.core.trainer import Trainer, TrainerConfig, TrainingContext
 
-from .pipeline.tp_models import Loss, batches, model_specs
+from .pipeline.tp_models import Loss, SampleWindows, model_specs
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class _Windows:
-    def __init__(self) -> None:
-        self.samples = [{k: v[0] for k, v in b.items()} for b in batches(64, seed=9)]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.samples[index]
-
-    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([i[k] for i in items]) for k in items[0]}
 
 
 def _train(
@@ -51,14 +37,14 @@ def _train(
         module, OptimizerConfig.from_dict({"training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-2}}]})
     )
     config = TrainerConfig.from_dict(trainer)
-    data = DistributedDataLoader(_Windows(), topo, seed=3)
+    data = DistributedDataLoader(SampleWindows(), topo, seed=3)
     run = Trainer(
         config,
         TrainingContext(config, topo),
         module,
         optimizer,
         data,
-        eval_data=DistributedDataLoader(_Windows(), topo),
+        eval_data=DistributedDataLoader(SampleWindows(), topo),
     )
     if stop_at is not None:  # a signal arrives in the middle of the run
         original = run.module.train_step

@@ -149,9 +149,11 @@ def train(config: TransformerConfig) -> Trainer:
     )
     validation = DistributedDataLoader(validation_set, topology, shuffle=False)
     parameters = sum(p.numel() for p in module.parameters())
-    logger.info("this rank holds %.2fM parameters (%s)", parameters / 1e6, module.extra_repr())
+    # The whole model's size is in the trainer's start-up block; this rank's share only for debugging.
+    logger.debug("this rank holds %.2fM parameters (%s)", parameters / 1e6, module.extra_repr())
     is_metrics_rank = topology.is_last_pipe_stage and topology.dp_rank == 0 and topology.tp_rank == 0
-    with MetricsLogger(config.logger, enabled=is_metrics_rank, run_config=config.to_dict()) as metrics:
+    metrics_logger = MetricsLogger(config.logger, enabled=is_metrics_rank, run_config=config.to_dict())
+    with train_data, validation, metrics_logger as metrics:  # the loaders' reader processes end with the run
         files = {"tokenizer.json": config.data.tokenizer} if config.data.tokenizer is not None else {}
         trainer = Trainer(
             config.trainer,

@@ -32,23 +32,9 @@ from scaling.core.topology import Topology, TopologyConfig
 from scaling.core.topology.topology import init_distributed
 from scaling.core.trainer import Trainer, TrainerConfig, TrainingContext
 
-from ..pipeline.tp_models import Loss, batches, model_specs
+from ..pipeline.tp_models import Loss, SampleWindows, model_specs
 
 OPTIMIZER = {"training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-2}}]}
-
-
-class _Windows:
-    def __init__(self) -> None:
-        self.samples = [{k: v[0] for k, v in b.items()} for b in batches(64, seed=9)]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.samples[index]
-
-    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([i[k] for i in items]) for k in items[0]}
 
 
 @pytest.fixture
@@ -65,7 +51,8 @@ def _trainer(topo: Topology, **trainer: Any) -> Trainer:
     module = ParallelModule(model_specs(topo, 1, 0.0), topo, Loss(topo), seed=1)
     optimizer = Optimizer(module, OptimizerConfig.from_dict(OPTIMIZER))
     config = TrainerConfig.from_dict({k: str(v) if isinstance(v, Path) else v for k, v in trainer.items()})
-    return Trainer(config, TrainingContext(config, topo), module, optimizer, DistributedDataLoader(_Windows(), topo))
+    data = DistributedDataLoader(SampleWindows(), topo)
+    return Trainer(config, TrainingContext(config, topo), module, optimizer, data)
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:

@@ -24,8 +24,7 @@ from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
 from scaling.core.trainer import Trainer, TrainerConfig, TrainingContext
 
-from ..pipeline.tp_models import Loss, model_specs
-from .test_checkpoint_safety import _Windows
+from ..pipeline.tp_models import Loss, SampleWindows, model_specs
 
 
 def _train(dp: int, trainer: dict[str, Any], old_format: bool = False) -> dict[str, Any]:
@@ -35,7 +34,7 @@ def _train(dp: int, trainer: dict[str, Any], old_format: bool = False) -> dict[s
         module, OptimizerConfig.from_dict({"training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-2}}]})
     )
     config = TrainerConfig.from_dict(trainer)
-    data = DistributedDataLoader(_Windows(), topo, seed=3)
+    data = DistributedDataLoader(SampleWindows(), topo, seed=3)
     seen: list[list[list[int]]] = []  # per step: the token rows this rank trained on
     original = data.next_batches
 

@@ -106,3 +106,19 @@ def batches(n: int, seed: int = 7) -> list[dict[str, torch.Tensor]]:
         targets[0, -1] = -100  # an ignored position in every micro-batch
         out.append({"tokens": torch.randint(0, VOCAB, (MICRO, SEQ), generator=g), "targets": targets})
     return out
+
+
+class SampleWindows:
+    """64 single samples cut from ``batches(64, seed=9)``: a map-style dataset for trainer tests."""
+
+    def __init__(self) -> None:
+        self.samples = [{k: v[0] for k, v in b.items()} for b in batches(64, seed=9)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.samples[index]
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {k: torch.stack([i[k] for i in items]) for k in items[0]}
