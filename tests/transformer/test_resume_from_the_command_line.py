@@ -68,6 +68,7 @@ def test_rerun_of_a_finished_run_says_so_and_iterations_below_its_step_are_refus
     said = [line for line in (again.stdout + again.stderr).splitlines() if "the run is complete" in line]
     assert len(said) == 1 and f"{checkpoints / 'global_step2'} is at step 2 = trainer.train_iterations" in said[0]
     assert "step 1/" not in again.stderr + again.stdout  # nothing trained
+    assert "stopped at step" not in again.stderr + again.stdout  # complete, not interrupted
     below = _one_line_error(_train(finished_run, "trainer.train_iterations=1"))
     assert "trainer.train_iterations (1) is below the step of the checkpoint" in below and "(2)" in below
     assert _snapshot(checkpoints) == before

@@ -125,6 +125,7 @@ class Trainer:
                         source,
                         step,
                     )
+                self.context.step = step  # where the run stands: complete, not stopped early
                 return False
         if self.config.save_dir is not None:
             check_save_dir(self.config.save_dir, self._checkpoint_bytes())
