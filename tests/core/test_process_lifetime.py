@@ -45,6 +45,7 @@ def test_signal_to_scaling_train_stops_every_worker_after_a_save_in_one_line_and
         stops = [line for line in run.lines if line.startswith("stopped at step")]
         assert len(stops) == 1 and f"on {sig.name}; checkpoint saved to" in stops[0], run.output[-3000:]
         assert "Traceback" not in run.output and "SignalException" not in run.output
+        assert not [line for line in run.lines if "WARNING" in line], run.output[-3000:]  # one line, not one per rank
         step = int(stops[0].split()[3].rstrip(";"))
         assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{step}"
     finally:

@@ -203,7 +203,8 @@ class Trainer:
 
     # Signals ---------------------------------------------------------------------------------------
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
-        _logger.warning("received signal %d: saving a checkpoint after this step and stopping", signum)
+        # Debug only: every rank gets the signal, and rank 0 says once, at the end, where the run stopped.
+        _logger.debug("received signal %d: saving a checkpoint after this step and stopping", signum)
         self._stop_requested = True
         self.stop_signal = signum
 
