@@ -156,3 +156,31 @@ def test_shape_mismatch_on_resume_in_the_workers_is_one_error_line_with_its_rank
     assert len(errors) == 1 and errors[0].startswith("rank "), output
     assert "[32, 16]" in errors[0] and "[48, 16]" in errors[0]
     assert "Traceback" not in output and "ChildFailedError" not in output
+
+
+def test_reports_of_an_earlier_attempt_never_explain_a_restarted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun restarts the workers (runner.max_restarts) under one launcher: only the last attempt counts."""
+    from scaling.core.runner.reports import (
+        REPORT_DIR_ENV,
+        RESTART_COUNT_ENV,
+        done_ranks,
+        read_reports,
+        report_dir,
+        write_done,
+        write_report,
+    )
+
+    monkeypatch.setenv(REPORT_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(RESTART_COUNT_ENV, "0")
+    first = report_dir()
+    assert first is not None
+    write_report(first, WorkerReport(1, 2, "data/old.bin is truncated", "", 1.0, False))
+    write_done(first, 0)
+    monkeypatch.setenv(RESTART_COUNT_ENV, "1")
+    second = report_dir()
+    assert second is not None and second != first
+    assert read_reports(tmp_path) == [] and done_ranks(tmp_path) == set()  # the new attempt said nothing yet
+    write_report(second, WorkerReport(0, 1, "RuntimeError: out of memory", "Traceback ...", 2.0, False))
+    assert [r.message for r in read_reports(tmp_path)] == ["RuntimeError: out of memory"]

@@ -10,6 +10,10 @@ peer. Instead the launcher (``scaling.core.runner.agent``) makes a directory, pa
 * ``rank{R}.done``: rank R returned normally (after a graceful stop too), so the launcher can tell a clean
   stop from a rank killed while it was still saving.
 
+torchrun restarts the workers (``runner.max_restarts``) in the same launcher, so each attempt reports into
+its own ``attempt{N}`` subdirectory (N: torchrun's ``TORCHELASTIC_RESTART_COUNT``) and the launcher reads only
+the last one: an error of an earlier attempt never explains a later failure.
+
 This module only reads and writes the files; it imports nothing heavy, so the launcher stays quick.
 """
 
@@ -21,9 +25,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["REPORT_DIR_ENV", "WorkerReport", "done_ranks", "read_reports", "report_dir", "write_done", "write_report"]
+__all__ = [
+    "REPORT_DIR_ENV",
+    "RESTART_COUNT_ENV",
+    "WorkerReport",
+    "done_ranks",
+    "read_reports",
+    "report_dir",
+    "write_done",
+    "write_report",
+]
 
 REPORT_DIR_ENV = "SCALING_REPORT_DIR"
+RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun in every worker: 0, 1, ... per restart
 
 
 @dataclass(frozen=True)
@@ -39,9 +53,19 @@ class WorkerReport:
 
 
 def report_dir() -> Path | None:
-    """The directory this process reports to, when it was started by the scaling launcher."""
+    """The directory this process reports to (its attempt's), when it was started by the scaling launcher."""
     value = os.environ.get(REPORT_DIR_ENV)
-    return Path(value) if value else None
+    if not value:
+        return None
+    attempt = Path(value) / f"attempt{int(os.environ.get(RESTART_COUNT_ENV, '0') or 0)}"
+    attempt.mkdir(parents=True, exist_ok=True)
+    return attempt
+
+
+def _last_attempt(directory: Path) -> Path:
+    """The report directory of the newest attempt under the launcher's ``directory`` (itself when none)."""
+    attempts = [p for p in directory.glob("attempt*") if p.is_dir() and p.name[len("attempt") :].isdigit()]
+    return max(attempts, key=lambda p: int(p.name[len("attempt") :]), default=directory)
 
 
 def write_report(directory: Path, report: WorkerReport) -> None:
@@ -63,7 +87,7 @@ def read_reports(directory: Path) -> list[WorkerReport]:
     away), and within each kind the earliest comes first.
     """
     reports = []
-    for path in directory.glob("rank*.error.json"):
+    for path in _last_attempt(directory).glob("rank*.error.json"):
         try:
             reports.append(WorkerReport(**json.loads(path.read_text(encoding="utf-8"))))
         except (OSError, ValueError, TypeError):
@@ -72,4 +96,5 @@ def read_reports(directory: Path) -> list[WorkerReport]:
 
 
 def done_ranks(directory: Path) -> set[int]:
-    return {int(path.name[len("rank") : -len(".done")]) for path in directory.glob("rank*.done")}
+    """The ranks of the newest attempt that returned normally."""
+    return {int(path.name[len("rank") : -len(".done")]) for path in _last_attempt(directory).glob("rank*.done")}
