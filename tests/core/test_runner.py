@@ -333,3 +333,18 @@ def test_world_check_example_runs_through_the_cli(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "world check passed: 4 ranks (tp=2, pp=2, dp=1)" in result.stderr
     assert (log_dir / "metrics.jsonl").read_text().startswith('{"step": 0, "world_size": 4')
+
+
+@pytest.mark.timeout(180)
+def test_world_check_failure_is_one_line_from_the_launcher(tmp_path: Path) -> None:
+    """Every rank fails to read the config it was given: the user reads it once, with exit code 2."""
+    import subprocess
+
+    missing = tmp_path / "missing.yml"
+    path = _write_config(tmp_path, {"topology": {"pipe_parallel_size": 2}, "runner": {"script_args": [str(missing)]}})
+    result = subprocess.run(
+        [sys.executable, "-m", "scaling.cli.main", "launch", str(path)], capture_output=True, text=True, timeout=170
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if str(missing) in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

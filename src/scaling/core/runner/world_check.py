@@ -74,6 +74,13 @@ def check_world(topology: Topology, seed: int = 42, megabytes: float = 4.0) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One rank's world check; a failure reaches the launcher as one report (``run_as_worker``)."""
+    from scaling.core.runner.worker import run_as_worker  # imports the checkpoint and data packages
+
+    return run_as_worker(lambda: _check_this_rank(argv), "world check", int(os.environ.get("RANK", "0")))
+
+
+def _check_this_rank(argv: list[str] | None) -> int:
     args = sys.argv[1:] if argv is None else argv
     config = EngineConfig.from_yaml(Path(args[0])) if args else EngineConfig()
     topology_config = config.topology
