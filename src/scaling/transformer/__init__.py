@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         score,
     )
     from scaling.transformer.model.config import TransformerArchitectureConfig
+    from scaling.transformer.model.transformer import Transformer, TransformerOutput
     from scaling.transformer.train import train
 
 # public name -> the module that defines it
@@ -31,6 +32,8 @@ _HOME = {
     "TransformerConfig": "scaling.transformer.config",
     "DataConfig": "scaling.transformer.config",
     "TransformerArchitectureConfig": "scaling.transformer.model.config",
+    "Transformer": "scaling.transformer.model.transformer",
+    "TransformerOutput": "scaling.transformer.model.transformer",
     "FinetuningConfig": "scaling.transformer.finetuning.config",
     "LoRAConfig": "scaling.transformer.finetuning.config",
     "Tokenizer": "scaling.transformer.data.tokenizer",
@@ -57,8 +60,10 @@ __all__ = [
     "LoRAConfig",
     "Tokenizer",
     "TokenizerError",
+    "Transformer",
     "TransformerArchitectureConfig",
     "TransformerConfig",
+    "TransformerOutput",
     "embed",
     "from_huggingface",
     "generate",

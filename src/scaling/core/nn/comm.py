@@ -41,6 +41,8 @@ SEQ_DIM = 1
 
 
 def _size(group: dist.ProcessGroup | None) -> int:
+    if group is None and not dist.is_initialized():  # Topology.single(): no process group at all
+        return 1
     return dist.get_world_size(group)
 
 

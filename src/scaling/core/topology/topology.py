@@ -56,7 +56,7 @@ class Topology:
         self.global_rank = dist.get_rank()
         self.coord: Coord = coord_of(self.global_rank, self.sizes)
         self.device = torch.device(device) if device is not None else _default_device()
-        self.backend = dist.get_backend()
+        self.backend: str = dist.get_backend()
 
         self.tp_ranks, self.tp_group = self._create_member(tensor_parallel_groups(self.sizes))
         self.dp_ranks, self.dp_group = self._create_member(data_parallel_groups(self.sizes))
@@ -65,6 +65,30 @@ class Topology:
         emb_ranks, emb_group = self.create_groups(embedding_groups(self.sizes))
         self.embedding_ranks: list[int] = emb_ranks
         self.embedding_group: dist.ProcessGroup | None = emb_group
+
+    @classmethod
+    def single(cls, config: TopologyConfig | None = None, device: torch.device | str = "cpu") -> Topology:
+        """One process and no ``torch.distributed`` at all: a plain model (``scaling.transformer.Transformer``)
+        runs on it in a script, a notebook or a test with no process group.
+
+        Every group is ``None``; the communication pairs of ``scaling.core.nn`` are identities over a group
+        of one, so the parallel layers compute what they compute on one rank of a launched world.
+        """
+        config = config or TopologyConfig()
+        if config.n_ranks != 1:
+            raise ValueError(f"Topology.single() is one process, but the config has {config.n_ranks} ranks")
+        topology = cls.__new__(cls)
+        topology.config = config
+        topology.sizes = ParallelSizes(tp=1, dp=1, pp=1)
+        topology.global_rank = 0
+        topology.coord = coord_of(0, topology.sizes)
+        topology.device = torch.device(device)
+        topology.backend = "none"
+        for family in ("tp", "dp", "pp", "model"):
+            setattr(topology, f"{family}_ranks", [0])
+            setattr(topology, f"{family}_group", None)
+        topology.embedding_ranks, topology.embedding_group = [], None
+        return topology
 
     def create_groups(self, groups: list[list[int]]) -> tuple[list[int], dist.ProcessGroup | None]:
         """Create every group of a family (a collective: all ranks call it with the same list, in the same
