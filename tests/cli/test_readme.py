@@ -21,3 +21,15 @@ def test_readme_commands_match_the_cli() -> None:
     assert "scaling config template > run.yml" in README and "scaling train run.yml" in README
     assert "runner.log_dir" not in README and "logger.log_dir" in README
     assert "python -m examples.transformer_example.run\nexamples/transformer_example/config.yml" in README
+
+
+def test_readme_plain_transformer_example_trains_a_step() -> None:
+    """The README's plain-module example runs as printed (one process, no process group)."""
+    import torch
+
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    (example,) = [b for b in blocks if "Transformer(" in b and "optimizer.step()" in b]
+    namespace: dict[str, object] = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    loss = namespace["loss"]
+    assert isinstance(loss, torch.Tensor) and torch.isfinite(loss)
