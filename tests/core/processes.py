@@ -23,20 +23,21 @@ REPO = Path(__file__).resolve().parents[2]
 SCALING = Path(sys.executable).with_name("scaling")
 
 
-def tiny_run(tmp_path: Path, **trainer: Any) -> Path:
-    """A 2-rank (dp 2) config of a tiny model on a counting corpus; returns the config file."""
+ARCHITECTURE = {"vocab_size": 64, "vocab_multiple": 64, "hidden_size": 16, "num_layers": 2, "num_attention_heads": 4,
+                "num_kv_heads": 2, "intermediate_size": 32, "sequence_length": 16}  # fmt: skip
+
+
+def tiny_config(tmp_path: Path, topology: dict[str, Any], trainer: dict[str, Any]) -> Path:
+    """A config file of a tiny transformer on a counting corpus (written beside it) with this layout and loop."""
     generator = torch.Generator().manual_seed(0)
     with MemoryMapWriter(tmp_path / "corpus", vocab_size=64) as writer:
         for _ in range(40):
             start = int(torch.randint(0, 64, (1,), generator=generator))
             writer.add([(start + i) % 64 for i in range(40)])
     config = {
-        "topology": {"data_parallel_size": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
-                     "device": "cpu"},
-        "architecture": {"vocab_size": 64, "vocab_multiple": 64, "hidden_size": 16, "num_layers": 2,
-                         "num_attention_heads": 4, "num_kv_heads": 2, "intermediate_size": 32,
-                         "sequence_length": 16},
-        "trainer": {"train_iterations": 100_000, "log_interval": 1, "save_dir": str(tmp_path / "ckpt"), **trainer},
+        "topology": topology,
+        "architecture": ARCHITECTURE,
+        "trainer": trainer,
         "optimizer": {"training_groups": [{"learning_rate_schedule": {"learning_rate": 0.01,
                                                                        "learning_rate_decay_style": "constant"}}]},
         "data": {"prefixes": [str(tmp_path / "corpus")], "validation_fraction": 0.1},
@@ -45,6 +46,13 @@ def tiny_run(tmp_path: Path, **trainer: Any) -> Path:
     path = tmp_path / "run.yml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def tiny_run(tmp_path: Path, **trainer: Any) -> Path:
+    """A 2-rank (dp 2) run that trains until stopped and saves to ``tmp_path/ckpt``; returns the config file."""
+    topology = {"data_parallel_size": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "device": "cpu"}
+    loop = {"train_iterations": 100_000, "log_interval": 1, "save_dir": str(tmp_path / "ckpt"), **trainer}
+    return tiny_config(tmp_path, topology, loop)
 
 
 class Started:
@@ -106,7 +114,7 @@ class Started:
             self.process.wait(timeout=10)
 
 
-def _parents() -> dict[int, int]:
+def process_parents() -> dict[int, int]:
     """pid -> parent pid of every process now alive (from /proc)."""
     parents = {}
     for entry in os.listdir("/proc"):
@@ -122,8 +130,9 @@ def _parents() -> dict[int, int]:
     return parents
 
 
-def descendants(pid: int) -> list[int]:
-    parents = _parents()
+def descendants(pid: int, parents: dict[int, int] | None = None) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren...), from ``parents`` or a fresh look at /proc."""
+    parents = process_parents() if parents is None else parents
     found, frontier = [], [pid]
     while frontier:
         children = [child for child, parent in parents.items() if parent in frontier]
@@ -133,7 +142,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def alive(pids: list[int]) -> list[int]:
-    living = _parents()
+    living = process_parents()
     return [pid for pid in pids if pid in living]
 
 
@@ -147,7 +156,7 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
 
 def rank_pids(launcher: int) -> dict[int, int]:
     """rank -> pid of the ranks started (through the agent, torchrun) by the process ``launcher``."""
-    parents = _parents()
+    parents = process_parents()
     ranks = {}
     for pid in descendants(launcher):
         try:

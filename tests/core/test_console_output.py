@@ -18,10 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import yaml
 
-from scaling.core.data import MemoryMapWriter
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
@@ -32,6 +29,7 @@ from scaling.transformer.model.config import TransformerArchitectureConfig
 from scaling.transformer.model.layers import LanguageModelLoss, transformer_layer_specs
 
 from .pipeline.tp_models import Loss, model_specs
+from .processes import ARCHITECTURE, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,9 +37,6 @@ PROGRESS = re.compile(
     r"step (\d+)/(\d+) \| loss (\d+\.\d{4}) \| lr (\d\.\de[-+]\d\d) \| grad norm (\S+) \| (\S+) tokens/s \| "
     r"(\d+\.\d\d) s/step \| ETA (\d+:\d\d:\d\d)( \| eval loss (\d+\.\d\d))?$"
 )
-
-ARCHITECTURE = {"vocab_size": 64, "vocab_multiple": 64, "hidden_size": 16, "num_layers": 2, "num_attention_heads": 4,
-                "num_kv_heads": 2, "intermediate_size": 32, "sequence_length": 16}  # fmt: skip
 
 
 def test_progress_line_has_every_field() -> None:
@@ -57,23 +52,8 @@ def test_progress_line_has_every_field() -> None:
 
 def _tiny_run(tmp_path: Path, trainer: dict[str, Any]) -> Path:
     """A config file of a tiny transformer on two pipeline stages, with its data."""
-    generator = torch.Generator().manual_seed(0)
-    with MemoryMapWriter(tmp_path / "corpus", vocab_size=64) as writer:
-        for _ in range(40):
-            start = int(torch.randint(0, 64, (1,), generator=generator))
-            writer.add([(start + i) % 64 for i in range(40)])
-    config = {
-        "topology": {"pipe_parallel_size": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 2},
-        "architecture": ARCHITECTURE,
-        "trainer": trainer,
-        "optimizer": {"training_groups": [{"learning_rate_schedule": {"learning_rate": 0.01,
-                                                                       "learning_rate_decay_style": "constant"}}]},
-        "data": {"prefixes": [str(tmp_path / "corpus")], "validation_fraction": 0.1},
-        "logger": {"log_dir": str(tmp_path / "logs")},
-    }  # fmt: skip
-    path = tmp_path / "run.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    topology = {"pipe_parallel_size": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 2}
+    return tiny_config(tmp_path, topology, trainer)
 
 
 def test_startup_block_names_trainable_parameters_and_where_checkpoints_go() -> None:
