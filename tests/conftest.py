@@ -17,16 +17,35 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.core.processes import descendants, process_parents
 
 _HELPERS = (b"multiprocessing.forkserver", b"multiprocessing.resource_tracker")
 _GRACE_S = 5.0  # processes being torn down by the last test's own cleanup
 
 
+# The /proc walk is written out here rather than imported from tests/core/processes.py: this file must work on
+# its own (tests/core/test_no_leftover_processes.py runs a copy of it in a scratch directory).
+def _parents() -> dict[int, int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z":  # a zombie has exited; only its parent has not reaped it yet
+            parents[int(entry)] = int(fields[1])
+    return parents
+
+
 def _leftovers() -> dict[int, str]:
     """Processes started by this pytest (children, grandchildren...) that are still running, with commands."""
-    parents = process_parents()
-    found = descendants(os.getpid(), parents)
+    parents = _parents()
+    found, frontier = [], [os.getpid()]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        found += frontier
     commands = {pid: _command(pid) for pid in [*found, *parents.values()]}
     leftovers = {}
     for pid in found:
