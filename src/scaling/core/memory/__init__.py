@@ -1,0 +1,21 @@
+"""Per-rank memory: the estimate the start-up line prints (a pure function of the parameter table,
+ZeRO stage, precision and layout) and the CPU measurement that keeps it honest."""
+
+from scaling.core.memory.estimate import (
+    MemoryEstimate,
+    ParamRecord,
+    estimate_memory,
+    format_memory_line,
+    human_bytes,
+)
+from scaling.core.memory.measure import MemoryMeasurement, measure_peak
+
+__all__ = [
+    "MemoryEstimate",
+    "MemoryMeasurement",
+    "ParamRecord",
+    "estimate_memory",
+    "format_memory_line",
+    "human_bytes",
+    "measure_peak",
+]
