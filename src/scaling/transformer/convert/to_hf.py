@@ -3,8 +3,8 @@
 Checkpoints store full tensors per layer whatever layout trained them, so export reads the files
 directly, one layer at a time, with no process group. An adapter checkpoint (saved with
 ``weights="trainable"``) is laid over the base tensors; LoRA factors are merged into their projections
-(``W + alpha / rank * B A``, computed in float32), vocabulary padding is trimmed, and the tensors are
-renamed by :mod:`scaling.transformer.convert.hf_weights`.
+(``W + alpha / rank * B A`` in float32, by the merge function inference uses too), vocabulary padding is
+trimmed, and the tensors are renamed by :mod:`scaling.transformer.convert.hf_weights`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from scaling.transformer.convert.hf_files import ShardedWriter
 from scaling.transformer.convert.hf_weights import hf_layer_from_scaling, scaling_tensor_shapes
 from scaling.transformer.convert.output import SIDE_FILES, staged_directory
 from scaling.transformer.data.tokenizer import Tokenizer, TokenizerError
+from scaling.transformer.finetuning.lora import merged_lora_weight
 from scaling.transformer.saved_run import SavedRun
 
 __all__ = ["save_huggingface"]
@@ -90,7 +91,7 @@ def _merge_lora(tensors: dict[str, torch.Tensor], scale: float | None, path: Pat
                 f"LoRA tensors {key!r} {list(a.shape)} and {base + _LORA_B!r} {list(b.shape)} in {path} do not fit "
                 f"{base + '.weight'!r} {list(weight.shape)}"
             )
-        tensors[base + ".weight"] = (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
+        tensors[base + ".weight"] = merged_lora_weight(weight, a, b, scale)
     stray = [k for k in tensors if k.endswith(_LORA_B)]
     if stray:
         raise ConversionError(f"tensor {stray[0][: -len(_LORA_B)] + _LORA_A!r} is missing from {path}")

@@ -5,6 +5,10 @@ Column-parallel ``W [out/tp, in]``: ``A [r, in]`` is replicated, ``B [out/tp, r]
 ``A [r, in/tp]`` is split like W, ``B [out, r]`` is replicated, and ``B (A_i x_i)`` is added to the
 partial sum before the all-reduce, so the sum over ranks is ``B A x``. The replicated factor only sees
 this rank's part of the computation, so its gradient is marked partial and summed over tp ranks.
+
+Merging ``W + s B A`` happens in one function, :func:`merged_lora_weight`, for the live model (inference,
+:func:`merge_lora`) and for export (``convert/to_hf.py``) alike: in float32, cast once to ``W``'s dtype,
+so a bf16 model gets the same merged weights whichever path folds them in.
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ from torch import nn
 from scaling.core.nn import ColumnParallelLinear, LayoutInvariantDropout, ParamMeta, RowParallelLinear, set_param_meta
 from scaling.core.nn.param_meta import InitMethod, init_zeros, local_slice_of_init
 
-__all__ = ["LoRALinear", "merge_lora"]
+__all__ = ["LoRALinear", "merge_lora", "merged_lora_weight"]
+
+
+def merged_lora_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * B A`` in ``weight``'s dtype: ``W [out, in]``, ``A [r, in]``, ``B [out, r]``.
+
+    Computed in float32 and rounded once: in bf16, ``B A`` rounded before the add would lose the small
+    update twice (the product, then the sum), which is most of what a low-rank update is.
+    """
+    return (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(weight.dtype)
 
 
 def _kaiming_uniform(fan_in: int) -> InitMethod:
@@ -68,7 +81,8 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         """Fold ``s B A`` into the base weight (for export or faster inference); idempotent."""
         if not self.merged:
-            self.base.weight.add_(self.scaling * (self.lora_b @ self.lora_a).to(self.base.weight.dtype))
+            weight = self.base.weight
+            weight.copy_(merged_lora_weight(weight, self.lora_a, self.lora_b, self.scaling))
             self.merged = True
 
 

@@ -4,11 +4,17 @@ Column-parallel projections give each tp rank ``heads / tp`` query heads and the
 the row-parallel output projection sums the ranks' contributions. Three kernels compute the same thing:
 ``torch`` (``scaled_dot_product_attention``), ``flash_attention`` (flash-attn, GPU) and ``reference``
 (explicit softmax; the one the others are tested against).
+
+Incremental decoding runs the same module: given :class:`CacheSlots`, the keys and values of this call
+are written into a pre-allocated :class:`KVCache` and the queries attend to every slot so far. Those
+calls always use SDPA, because their masks (left padding, a query block against a longer key range)
+are not the square causal mask flash-attn's kernel assumes.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,7 +33,16 @@ from scaling.core.topology import Topology
 from scaling.transformer.model.config import TransformerArchitectureConfig, check_against_tensor_parallel
 from scaling.transformer.model.rope import apply_rotary
 
-__all__ = ["Attention", "ReplicatedLinear", "attention_mask", "reference_attention"]
+__all__ = [
+    "Attention",
+    "CacheSlots",
+    "KVCache",
+    "ReplicatedLinear",
+    "attention_mask",
+    "kv_heads_per_rank",
+    "padding_mask",
+    "reference_attention",
+]
 
 
 def attention_mask(seq: int, document_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -37,6 +52,71 @@ def attention_mask(seq: int, document_ids: torch.Tensor | None, device: torch.de
         return causal[None, None]
     same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)  # [b, s, s]
     return (causal & same).unsqueeze(1)
+
+
+def padding_mask(valid: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Boolean ``[b, 1, length, start + length]`` for queries at slots ``start..start+length``.
+
+    Causal over slots, and slots whose ``valid`` ``[b, >= start + length]`` is False (left padding) are
+    never attended. A padding query still attends to itself: a row with nothing to attend to would give
+    NaN, and NaN in the cache would poison real rows through ``0 * NaN`` in the attention product.
+    """
+    slots = start + length
+    query = torch.arange(start, slots, device=valid.device).unsqueeze(-1)  # [s, 1]
+    key = torch.arange(slots, device=valid.device)  # [slots]
+    mask = (key <= query) & valid[:, None, :slots]  # [b, s, slots]
+    mask |= key == query
+    return mask.unsqueeze(1)
+
+
+def kv_heads_per_rank(config: TransformerArchitectureConfig, tp: int) -> int:
+    """Key/value heads one tp rank holds: its share, or the one head it replicates when there are fewer."""
+    return 1 if config.kv_heads < tp else config.kv_heads // tp
+
+
+class KVCache:
+    """Keys and values of every layer for ``max_slots`` positions, allocated once for a whole generation.
+
+    ``[layers, batch, kv_heads, max_slots, head_dim]`` with this rank's kv heads only: SDPA reads each
+    cached head for its whole query group (``enable_gqa``), so heads are never repeated in memory.
+    """
+
+    def __init__(
+        self, layers: int, batch: int, kv_heads: int, max_slots: int, head_dim: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        shape = (layers, batch, kv_heads, max_slots, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_slots = max_slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` ``[b, kv, s, d]`` at slots ``start..start+s``; return the keys/values so far."""
+        end = start + k.shape[2]
+        if end > self.max_slots:
+            raise ValueError(f"KV cache holds {self.max_slots} slots; writing up to slot {end}")
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+@dataclass(frozen=True)
+class CacheSlots:
+    """Where one inference call's keys and values go: slots ``start..`` of decoder layer ``layer``'s cache.
+
+    ``cache`` None is a padded full-sequence pass (scoring, generation without a cache): nothing is
+    stored, but the call still takes the inference path (SDPA under a padding mask).
+    """
+
+    cache: KVCache | None
+    layer: int
+    start: int
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This call's ``k``, ``v`` ``[b, kv, s, d]`` after the cached ones: ``[b, kv, start + s, d]``."""
+        if self.cache is None:
+            return k, v
+        return self.cache.update(self.layer, k, v, self.start)
 
 
 def reference_attention(
@@ -61,7 +141,7 @@ class Attention(nn.Module):
         self.heads_local = config.num_attention_heads // tp
         kv = config.kv_heads
         self.kv_replicated = kv < tp
-        self.kv_heads_local = 1 if self.kv_replicated else kv // tp
+        self.kv_heads_local = kv_heads_per_rank(config, tp)
         init = init_normal(0.02)
         self.query = ColumnParallelLinear(
             config.hidden_size, config.num_attention_heads * self.head_dim, topology,
@@ -95,8 +175,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries ``[b, h_local, s, d]`` and keys, values ``[b, kv_local, s, d]`` of this rank's heads.
 
-        Shared with incremental decoding (:mod:`scaling.transformer.inference.decoder`), which only
-        replaces the attention core between this and :meth:`project_out`.
+        Incremental decoding (``slots`` in :meth:`forward`) differs only in the core between this and
+        :meth:`project_out`.
         """
         b, s = x.shape[0], cos.shape[1]  # x: [b, s, hidden], or [b, s / tp, hidden] under sequence parallelism
         q = self.query(x).view(b, s, self.heads_local, self.head_dim).transpose(1, 2)  # [b, h_local, s, d]
@@ -106,8 +186,20 @@ class Attention(nn.Module):
         k, v = kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)  # [b, kv_local, s, d]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        slots: CacheSlots | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Self-attention of ``x``; ``mask`` ``[b or 1, 1, s, slots]`` says which slots each query sees.
+
+        With ``slots`` (inference), keys and values of earlier calls come from the cache and this call's
+        are stored after them; the queries attend to all of them.
+        """
         q, k, v = self.project_qkv(x, cos, sin)
+        if slots is not None:
+            k, v = slots.extend(k, v)  # [b, kv_local, start + s, d]
+            out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            return self.project_out(out)  # [b, s, hidden], summed over tp ranks
         kernel = self.config.attention_kernel
         p = self.config.attention_dropout if self.training else 0.0
         if kernel == "torch" and p == 0:  # SDPA reads each kv head for its query group: no repeated copies

@@ -2,6 +2,13 @@
 
 Activations between layers are the pytree ``{"h": [b, s, hidden], "positions": [b, s]}`` plus
 ``"document_ids"`` for packed sequences; under sequence parallelism ``h`` holds ``s / tp`` tokens.
+
+A decoder layer needs RoPE tables and an attention mask. When the activations carry them (keys
+``rope_cos``, ``rope_sin``, ``attention_mask``, see :func:`attention_tables`) every layer reads the same
+tensors; :class:`~scaling.transformer.model.transformer.Transformer` computes them once per forward. A
+layer given activations without them (a pipeline stage) computes its own and does not pass them on, so
+what travels between stages stays the small pytree above. Inference adds ``kv_slots``
+(:class:`~scaling.transformer.model.attention.CacheSlots`), which never crosses a stage.
 """
 
 from __future__ import annotations
@@ -27,13 +34,34 @@ from scaling.core.nn import (
 from scaling.core.nn.param_meta import init_normal, local_slice_of_init
 from scaling.core.pipeline.layer_spec import LayerSpec, TiedLayerSpec
 from scaling.core.topology import Topology
-from scaling.transformer.model.attention import Attention, attention_mask
+from scaling.transformer.model.attention import Attention, CacheSlots, attention_mask
 from scaling.transformer.model.config import TransformerArchitectureConfig
 from scaling.transformer.model.rope import inverse_frequencies, rotary_tables
 
-__all__ = ["DecoderLayer", "EmbeddingLayer", "LMHead", "LanguageModelLoss", "loss_tokens", "transformer_layer_specs"]
+__all__ = [
+    "DecoderLayer",
+    "EmbeddingLayer",
+    "LMHead",
+    "LanguageModelLoss",
+    "attention_tables",
+    "loss_tokens",
+    "transformer_layer_specs",
+]
 
-Activations = dict[str, torch.Tensor]
+Activations = dict[str, Any]  # tensors, plus a CacheSlots under "kv_slots" during inference
+_TABLES = ("rope_cos", "rope_sin", "attention_mask")
+
+
+def attention_tables(x: Activations, inv_freq: torch.Tensor, mask: torch.Tensor | None = None) -> Activations:
+    """``x`` with the RoPE tables of its positions and its attention mask, for every decoder layer to read.
+
+    ``mask`` defaults to the training mask: causal, within documents when ``x`` has ``document_ids``.
+    """
+    positions = x["positions"]
+    cos, sin = rotary_tables(positions, inv_freq)  # [b, s, rotary]
+    if mask is None:
+        mask = attention_mask(positions.shape[1], x.get("document_ids"), x["h"].device)
+    return {**x, "rope_cos": cos, "rope_sin": sin, "attention_mask": mask}
 
 
 def _norm(config: TransformerArchitectureConfig, topology: Topology) -> nn.Module:
@@ -121,10 +149,12 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(self, x: Activations) -> Activations:
-        h, positions = x["h"], x["positions"]
-        cos, sin = rotary_tables(positions, self.inv_freq)  # [b, s, rotary]
-        mask = attention_mask(positions.shape[1], x.get("document_ids"), h.device)
-        h = h + self.attention_output_dropout(self.attention(self.attention_norm(h), cos, sin, mask))
+        tables = x if _TABLES[0] in x else attention_tables(x, self.inv_freq)
+        cos, sin, mask = (tables[key] for key in _TABLES)
+        slots: CacheSlots | None = x.get("kv_slots")
+        h = x["h"]
+        # slots positionally: an adapter wrapping the attention block passes its arguments through as given
+        h = h + self.attention_output_dropout(self.attention(self.attention_norm(h), cos, sin, mask, slots))
         h = h + self.mlp_dropout(self.mlp(self.mlp_norm(h)))
         return {**x, "h": h}
 
@@ -150,10 +180,15 @@ class LMHead(nn.Module):
         set_param_meta(self.weight, ParamMeta(tp_split_dim=0))
         self.sequence_parallel = topology.config.sequence_parallel and topology.tp_size > 1
 
-    def forward(self, x: Activations) -> torch.Tensor:
-        h = self.norm(x["h"])
+    def final_hidden(self, x: Activations) -> torch.Tensor:
+        """The final norm's output ``[b, s(/tp), hidden]`` at the positions that predict tokens."""
+        h: torch.Tensor = self.norm(x["h"])
         if "soft_prompt_tokens" in x:  # prompt tuning prepended learned positions: they predict nothing
             h = h[:, x["soft_prompt_tokens"].shape[1] :]
+        return h
+
+    def forward(self, x: Activations) -> torch.Tensor:
+        h = self.final_hidden(x)
         group = self.topology.tp_group
         h = all_gather_from_sp(h, group) if self.sequence_parallel else copy_to_tp(h, group)
         return nn.functional.linear(h, self.weight)  # [b, s, vocab / tp]; one GEMM with the weight as stored
