@@ -23,11 +23,18 @@ The model is an MLP whose activations are small next to its weights (default: 6 
 DeepSpeed gets the very same layer objects in an ``nn.Sequential``. So the bytes measured are those of
 parameters, gradients and optimizer state, which is what ZeRO shards.
 
-Peak memory is one measurement for every side: a torch memory tracker that sees every tensor storage the
-rank allocates from model construction to the end of the second step (when the Adam moments exist), and
-reports the largest total it ever held. Bytes per parameter divide that peak (max over ranks) by the
-parameter count of the whole model. Step time is the median over ``--steps`` steps after the tracked ones
-(the tracker is off then) and one warm-up step, max over ranks.
+Peak memory is one measurement for every side, ``scaling.core.memory.measure_peak`` (torch's memory
+tracker: every tensor storage alive, from before model construction to the end of the second step, when
+the Adam moments exist). Bytes per parameter divide the peak of the worst rank by the parameter count of
+the whole model. Step time is taken after the tracked steps (the tracker slows every op) and one warm-up
+step: per rank the fastest of ``--steps`` steps by default (``--statistic median`` for the median), then
+the slowest rank. The fastest step is the one least disturbed by other processes on a shared machine, so
+it compares implementations; expect the median to move by tens of percent between runs on 2 shared cores.
+
+DeepSpeed's bucket sizes default to 5e8 elements, sized for billions of parameters: on this model a run
+with them peaks at ~170 bytes/parameter at stages 1-3, nearly all of it buckets. It gets the bucket budget
+of our stage-0 all-reduce instead (``grad_reduce_bucket_mb``, 25 MiB) for its reduce, all-gather and
+stage-3 prefetch buckets.
 
 The targets of issue 11 are printed beside the figures, not asserted: stage 1 <= 12 bytes/parameter and
 stage 3 <= 10.5 at dp=2 in fp32 (<= 7.5 at dp=4), step time no slower than DeepSpeed at the same stage.
@@ -38,28 +45,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import io
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import weakref
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from scaling.core.nn import ColumnParallelLinear, RowParallelLinear
 from scaling.core.pipeline.layer_spec import LayerSpec
-from scaling.core.testing import run_distributed
+from scaling.core.testing import DistributedTestFailure, run_distributed
 from scaling.core.topology import Topology, TopologyConfig
 
 LEGACY_COMMIT = "bfde224"  # the last engine before the ZeRO redesign: ZeRO-1 as `optimizer.zero: true`
@@ -68,6 +73,8 @@ _RESULT_TAG = "LEGACY-RESULT "  # the line of the legacy subprocess's output tha
 _TRACKED_STEPS = 2  # the Adam moments appear in step 1: the peak needs step 2 to have started
 
 StepFn = Callable[[int], None]
+# (side, stage, dp) -> {"bytes_per_param": ..., "step_ms": ...}; a figure is None when its run failed
+Results = dict[tuple[str, int, int], dict[str, float | None]]
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class Case:
     steps: int
     device: str
     dtype: str
+    statistic: str = "min"  # of the timed steps: "min" or "median"
     learning_rate: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.95
@@ -116,76 +124,20 @@ def _loss(y: torch.Tensor, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Te
 
 
 # Peak memory ----------------------------------------------------------------------------------------
-class _StorageTracker(TorchDispatchMode):
-    """Stand-in for ``scaling.core.memory.measure`` until it lands: the bytes of every tensor storage an
-    op creates while active, less those freed since (storage finalised, or resized as FSDP2 and DeepSpeed
-    stage 3 free unsharded parameters), and the largest total reached."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._token: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> its key in _bytes
-        self._bytes: dict[int, int] = {}
-        self._next = 0
-        self.current = 0
-        self.peak = 0
-        self._resize = torch.UntypedStorage.resize_
-
-    def count(self, storage: torch.UntypedStorage) -> None:
-        if storage.device.type == "meta":
-            return
-        size = storage.nbytes()
-        token = self._token.get(storage)
-        if token is None:
-            token = self._token[storage] = self._next
-            self._next += 1
-            self._bytes[token] = 0
-            weakref.finalize(storage, self._release, token)
-        self.current += size - self._bytes[token]
-        self._bytes[token] = size
-        self.peak = max(self.peak, self.current)
-
-    def _release(self, token: int) -> None:
-        self.current -= self._bytes.pop(token, 0)
-
-    def __enter__(self) -> _StorageTracker:
-        resize, tracker = self._resize, self
-
-        def resize_(storage: torch.UntypedStorage, size: int) -> Any:  # not an op: the mode never sees it
-            out = resize(storage, size)
-            if storage in tracker._token:
-                tracker.count(storage)
-            return out
-
-        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
-        super().__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        super().__exit__(*exc)
-        torch.UntypedStorage.resize_ = self._resize  # type: ignore[method-assign]
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if any(issubclass(t, DTensor) for t in types):
-            return NotImplemented  # DTensor (FSDP2 shards) unwraps first; its local ops then come back here
-        out = func(*args, **(kwargs or {}))
-        for leaf in pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self.count(leaf.untyped_storage())
-        return out
-
-
-@dataclass
-class _Peak:
-    bytes: int = 0
-
-
-@contextlib.contextmanager
-def measure_peak() -> Iterator[_Peak]:
-    """The peak bytes of tensor storage allocated inside the block (on the rank's device)."""
-    peak = _Peak()
-    with _StorageTracker() as tracker:
-        yield peak
-    peak.bytes = tracker.peak
+def _measure_peak() -> Callable[..., Any]:
+    """``scaling.core.memory``'s measurement, for every side alike. The pre-redesign tree has none, so
+    its run loads the file of this checkout (it needs nothing of scaling)."""
+    try:
+        from scaling.core.memory.measure import measure_peak
+    except ImportError:
+        name = "_zero_benchmark_measure"
+        path = os.path.join(REPO, "src", "scaling", "core", "memory", "measure.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None, path
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        measure_peak = module.measure_peak
+    return measure_peak
 
 
 # The contenders -------------------------------------------------------------------------------------
@@ -223,9 +175,9 @@ def _engine_step(case: Case, topology: Topology, batch: torch.Tensor, zero: dict
     from scaling.core.pipeline.module import ParallelModule
 
     config = _optimizer_config(case, **zero)
-    # The pre-redesign engine shards in the optimizer alone; since the redesign the module is built for
-    # the stage too (FSDP2 units for stages 1-3).
-    sharding = {} if case.side == "legacy" else {"sharding": config.sharding}
+    # Since the redesign the module is built for its stage too (FSDP2 units for stages 1-3); the engine's
+    # default (stage 0) and the pre-redesign ZeRO-1 (sharded in the optimizer alone) need no argument.
+    sharding = {"sharding": config.sharding} if case.side == "scaling" else {}
     module = ParallelModule(
         layer_specs(case, topology), topology, _loss, precision=PrecisionConfig(precision=case.dtype), **sharding
     )
@@ -243,6 +195,8 @@ def _deepspeed_step(case: Case, topology: Topology, batch: torch.Tensor) -> Step
     from deepspeed.utils import logger as ds_logger  # type: ignore[import-not-found]
 
     ds_logger.setLevel("WARNING")
+    # DeepSpeed calls collectives that torch has deprecated; one warning per call and rank is noise here.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     model = nn.Sequential(*(spec.build() for spec in layer_specs(case, topology))).to(topology.device)
     adamw = torch.optim.AdamW(
         model.parameters(),
@@ -252,15 +206,14 @@ def _deepspeed_step(case: Case, topology: Topology, batch: torch.Tensor) -> Step
         weight_decay=0.0,
         fused=True,  # the kernel our optimizer runs
     )
-    bucket = int(topology.config.grad_reduce_bucket_mb * 2**20) // torch.finfo(_dtype(case)).bits * 8
+    bucket = int(topology.config.grad_reduce_bucket_mb * 2**20) // _dtype(case).itemsize  # in elements
     config = {
         "train_micro_batch_size_per_gpu": case.batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,
         "zero_optimization": {
             "stage": case.stage,
-            # DeepSpeed's defaults (5e8 elements) are sized for billions of parameters: on this model its
-            # buckets would dwarf the weights. Give it the bucket budget of our stage-0 all-reduce.
+            # Not DeepSpeed's 5e8-element defaults (see the module docstring): our stage 0's bucket budget.
             "reduce_bucket_size": bucket,
             "allgather_bucket_size": bucket,
             "stage3_prefetch_bucket_size": bucket,
@@ -270,7 +223,8 @@ def _deepspeed_step(case: Case, topology: Topology, batch: torch.Tensor) -> Step
         "fp16": {"enabled": case.dtype == "float16"},
         "steps_per_print": 2**31,
     }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=adamw, config=config, dist_init_required=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... built successfully", once per rank and run
+        engine, *_ = deepspeed.initialize(model=model, optimizer=adamw, config=config, dist_init_required=False)
     x = batch.to(_dtype(case))
 
     def step(index: int) -> None:
@@ -291,61 +245,129 @@ def _step_fn(case: Case, topology: Topology, batch: torch.Tensor) -> StepFn:
     return _engine_step(case, topology, batch, {"zero_stage": case.stage})
 
 
-def _rank(case: Case) -> dict[str, float]:
-    """One rank: build and run two steps under the tracker, then time steps with it off."""
-    if case.side == "deepspeed":  # DeepSpeed picks its accelerator at import; choose it, do not let it guess
-        os.environ["DS_ACCELERATOR"] = "cuda" if case.device == "cuda" else "cpu"
+def _setup(case: Case) -> tuple[Topology, torch.Tensor, Callable[[], None]]:
+    # DeepSpeed picks its accelerator when first imported: choose it rather than let it guess.
+    os.environ["DS_ACCELERATOR"] = "cuda" if case.device == "cuda" else "cpu"
     topology = _topology(case)
     torch.manual_seed(1234 + topology.dp_rank)
     batch = torch.randn(case.batch, case.hidden, device=topology.device)
     sync = torch.cuda.synchronize if topology.device.type == "cuda" else (lambda: None)
-    with measure_peak() as peak:
+    return topology, batch, sync
+
+
+def _memory_rank(case: Case) -> float:
+    """This rank's peak bytes from before the model exists to the end of the second step."""
+    topology, batch, sync = _setup(case)
+
+    def build_and_start() -> None:
         step = _step_fn(case, topology, batch)
         for index in range(_TRACKED_STEPS):
             step(index)
         sync()
-    times = []
-    for index in range(_TRACKED_STEPS, _TRACKED_STEPS + 1 + case.steps):
-        begin = time.perf_counter()
-        step(index)
-        sync()
-        times.append(time.perf_counter() - begin)
-    return {"peak_bytes": float(peak.bytes), "step_s": statistics.median(times[1:])}
+
+    return float(_measure_peak()(build_and_start).peak_bytes)
 
 
-def run_case(case: Case) -> dict[str, float]:
-    """Peak bytes per parameter and step time of one contender (worst rank of each)."""
-    backend = "nccl" if case.device == "cuda" else "gloo"
-    results = run_distributed(_rank, case.dp, case, timeout_s=900, backend=backend)
-    return {
-        "bytes_per_param": max(r["peak_bytes"] for r in results) / parameter_count(case.hidden, case.blocks),
-        "step_ms": max(r["step_s"] for r in results) * 1e3,
-    }
+def _timing_rank(cases: list[Case]) -> list[float]:
+    """Seconds per step of each contender, stepping them in turn: a burst of load from other processes
+    then slows all of them alike instead of whichever happened to run at the time."""
+    topology, batch, sync = _setup(cases[0])
+    steps = [_step_fn(case, topology, batch) for case in cases]
+    warm_up = _TRACKED_STEPS + 1  # state allocated, first-use costs paid
+    times: list[list[float]] = [[] for _ in cases]
+    for index in range(warm_up + cases[0].steps):
+        for step, record in zip(steps, times, strict=True):
+            begin = time.perf_counter()
+            step(index)
+            sync()
+            if index >= warm_up:
+                record.append(time.perf_counter() - begin)
+    statistic = min if cases[0].statistic == "min" else statistics.median
+    return [statistic(record) for record in times]
+
+
+def _describe(case: Case) -> str:
+    what = {"engine": "today's engine", "legacy": f"ZeRO-1 of {LEGACY_COMMIT}"}.get(case.side, case.side)
+    return f"dp {case.dp} stage {case.stage} {what}"
+
+
+def _root_cause(error: DistributedTestFailure) -> str:
+    """The last line of the first failing rank's traceback: the exception, in one line."""
+    first_rank = str(error).split("\n--- rank ")[1] if "\n--- rank " in str(error) else str(error)
+    lines = [line for line in first_rank.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else str(error)
+
+
+def _run(fn: Callable[..., Any], dp: int, arg: Any, device: str, what: str) -> list[Any] | None:
+    """The ranks' results, or None after one line on stderr: one broken contender leaves the others'
+    figures standing."""
+    try:
+        return run_distributed(fn, dp, arg, timeout_s=900, backend="nccl" if device == "cuda" else "gloo")
+    except DistributedTestFailure as error:
+        print(f"{what} failed: {_root_cause(error)}", file=sys.stderr, flush=True)
+        return None
+
+
+def measure_memory(case: Case) -> float | None:
+    """Peak bytes per parameter of the whole model, on the worst rank (a world of its own per contender,
+    so nothing another contender left behind is counted)."""
+    peaks = _run(_memory_rank, case.dp, case, case.device, f"{_describe(case)} (memory)")
+    if peaks is None:
+        return None
+    value = max(peaks) / parameter_count(case.hidden, case.blocks)
+    print(f"{_describe(case)}: {value:.2f} bytes/parameter", file=sys.stderr, flush=True)
+    return value
+
+
+def measure_times(cases: list[Case]) -> list[float | None]:
+    """Step time in ms of each contender (slowest rank), all in one world; if that fails, each alone."""
+    per_rank = _run(_timing_rank, cases[0].dp, cases, cases[0].device, ", ".join(map(_describe, cases)))
+    if per_rank is None and len(cases) > 1:
+        return [value for case in cases for value in measure_times([case])]
+    values = [None if per_rank is None else max(r[i] for r in per_rank) * 1e3 for i in range(len(cases))]
+    for case, value in zip(cases, values, strict=True):
+        if value is not None:
+            print(f"{_describe(case)}: {value:.1f} ms per step", file=sys.stderr, flush=True)
+    return values
+
+
+def run_cases(groups: list[list[Case]]) -> Results:
+    """Memory of every contender, then the step times of each group (contenders timed side by side)."""
+    results: Results = {}
+    for group in groups:
+        for case in group:
+            results[case.side, case.stage, case.dp] = {"bytes_per_param": measure_memory(case)}
+        for case, value in zip(group, measure_times(group), strict=True):
+            results[case.side, case.stage, case.dp]["step_ms"] = value
+    return results
 
 
 # The pre-redesign engine from a worktree ------------------------------------------------------------
-def run_legacy(cases: list[Case]) -> dict[int, dict[str, float]]:
-    """ZeRO-1 of commit bfde224, per dp: this script in a subprocess whose ``scaling`` is that commit's."""
+def run_legacy(cases: list[Case]) -> Results:
+    """ZeRO-1 of commit bfde224, per dp: this script in a subprocess whose ``scaling`` is that commit's,
+    from a git worktree that is removed again when the run ends (or fails)."""
     worktree = tempfile.mkdtemp(prefix="zero-old-")
     os.rmdir(worktree)  # git creates it
     subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", worktree, LEGACY_COMMIT], check=True)
+    failed: Results = {("legacy", c.stage, c.dp): {"bytes_per_param": None, "step_ms": None} for c in cases}
     try:
         env = {**os.environ, "PYTHONPATH": os.path.join(worktree, "src")}
         payload = json.dumps([asdict(c) for c in cases])
-        done = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--legacy-cases", payload],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_TAG)]
-        if done.returncode != 0 or not lines:
-            print(
-                f"pre-redesign ZeRO-1 failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}", file=sys.stderr
-            )
-            return {}
-        return {int(dp): value for dp, value in json.loads(lines[-1][len(_RESULT_TAG) :]).items()}
+        command = [sys.executable, os.path.abspath(__file__), "--legacy-cases", payload]
+        # Its own session, so a timeout or Ctrl-C takes its ranks down with it.
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, _ = process.communicate(timeout=1800)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        lines = [line for line in stdout.splitlines() if line.startswith(_RESULT_TAG)]
+        if process.returncode != 0 or not lines:
+            print(f"pre-redesign ZeRO-1 failed (exit code {process.returncode})", file=sys.stderr)
+            return failed
+        figures = json.loads(lines[-1][len(_RESULT_TAG) :])
+        return {("legacy", case.stage, case.dp): figures[str(case.dp)] for case in cases}
     finally:
         subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", worktree], check=False)
 
@@ -357,7 +379,8 @@ def _legacy_main(payload: str) -> None:
     if os.path.dirname(os.path.abspath(scaling.__file__)) != expected:
         raise SystemExit(f"the legacy run imported scaling from {scaling.__file__}, not {expected}")
     cases = [Case(**fields) for fields in json.loads(payload)]
-    print(_RESULT_TAG + json.dumps({case.dp: run_case(case) for case in cases}), flush=True)
+    results = run_cases([[case] for case in cases])
+    print(_RESULT_TAG + json.dumps({case.dp: results[case.side, case.stage, case.dp] for case in cases}), flush=True)
 
 
 # The table ------------------------------------------------------------------------------------------
@@ -367,23 +390,24 @@ def _target_bytes(stage: int, dp: int, dtype: str) -> float | None:
     return {(1, 2): 12.0, (3, 2): 10.5, (3, 4): 7.5}.get((stage, dp))
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _cell(results: Results, key: tuple[str, int, int], field: str, digits: int) -> str:
+    if key not in results:
+        return "-"  # not run
+    value = results[key].get(field)
+    return "failed" if value is None else f"{value:.{digits}f}"
 
 
-def _ratio(a: dict[str, float] | None, b: dict[str, float] | None, key: str) -> float | None:
-    return None if a is None or b is None else a[key] / b[key]
+def _ratio(results: Results, stage: int, dp: int, field: str) -> str:
+    ours = results.get(("scaling", stage, dp), {}).get(field)
+    theirs = results.get(("deepspeed", stage, dp), {}).get(field)
+    return "-" if ours is None or theirs is None else f"{ours / theirs:.2f}"
 
 
-def print_table(
-    args: argparse.Namespace,
-    results: dict[tuple[str, int, int], dict[str, float]],
-    legacy: dict[int, dict[str, float]],
-) -> None:
+def print_table(args: argparse.Namespace, results: Results) -> None:
     n = parameter_count(args.hidden, args.blocks)
     print(
         f"ZeRO on an MLP of {args.blocks} blocks of width {args.hidden} ({n / 1e6:.1f}M parameters), "
-        f"{args.batch} rows per rank, {args.dtype} on {args.device}; step time: median of {args.steps} steps"
+        f"{args.batch} rows per rank, {args.dtype} on {args.device}; step time: {args.statistic} of {args.steps} steps"
     )
     print("B/p: peak bytes one rank held (worst rank) per parameter of the whole model; ms: step time")
     headers = ["dp", "stage", "scaling B/p", "deepspeed B/p", "ratio", "target B/p", "scaling ms", "deepspeed ms",
@@ -391,18 +415,18 @@ def print_table(
     rows = []
     for dp in args.dp:
         for stage in args.stages:
-            ours, theirs = results.get(("scaling", stage, dp)), results.get(("deepspeed", stage, dp))
+            target = _target_bytes(stage, dp, args.dtype)
             rows.append(
                 [
                     str(dp),
                     str(stage),
-                    _fmt(ours and ours["bytes_per_param"]),
-                    _fmt(theirs and theirs["bytes_per_param"]),
-                    _fmt(_ratio(ours, theirs, "bytes_per_param")),
-                    "<= " + _fmt(target) if (target := _target_bytes(stage, dp, args.dtype)) else "-",
-                    _fmt(ours and ours["step_ms"], 1),
-                    _fmt(theirs and theirs["step_ms"], 1),
-                    _fmt(_ratio(ours, theirs, "step_ms")),
+                    _cell(results, ("scaling", stage, dp), "bytes_per_param", 2),
+                    _cell(results, ("deepspeed", stage, dp), "bytes_per_param", 2),
+                    _ratio(results, stage, dp, "bytes_per_param"),
+                    "-" if target is None else f"<= {target:.2f}",
+                    _cell(results, ("scaling", stage, dp), "step_ms", 1),
+                    _cell(results, ("deepspeed", stage, dp), "step_ms", 1),
+                    _ratio(results, stage, dp, "step_ms"),
                     "<= 1.00",
                 ]
             )
@@ -410,28 +434,27 @@ def print_table(
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
     for row in rows:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+    references = [
+        ("engine", 0, "today's engine (stage 0, bucketed all-reduce)"),
+        ("legacy", 1, f"pre-redesign ZeRO-1 ({LEGACY_COMMIT}, optimizer.zero: true)"),
+    ]
     for dp in args.dp:
-        engine = results.get(("engine", 0, dp))
-        if engine is not None:
-            print(
-                f"dp {dp}: today's engine (stage 0, bucketed all-reduce): {engine['bytes_per_param']:.2f} B/p, "
-                f"{engine['step_ms']:.1f} ms"
-            )
-        if dp in legacy:
-            old = legacy[dp]
-            print(
-                f"dp {dp}: pre-redesign ZeRO-1 ({LEGACY_COMMIT}, optimizer.zero: true): "
-                f"{old['bytes_per_param']:.2f} B/p, {old['step_ms']:.1f} ms"
-            )
+        for side, stage, what in references:
+            if (side, stage, dp) in results:
+                print(
+                    f"dp {dp}: {what}: {_cell(results, (side, stage, dp), 'bytes_per_param', 2)} B/p, "
+                    f"{_cell(results, (side, stage, dp), 'step_ms', 1)} ms"
+                )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dp", type=int, nargs="+", default=[2, 4], help="data-parallel sizes")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per contender")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per contender")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--statistic", choices=["min", "median"], default="min", help="of the timed steps")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8, help="rows per rank and step")
@@ -446,19 +469,22 @@ def main() -> None:
         raise SystemExit(2)
 
     def case(side: str, stage: int, dp: int) -> Case:
-        return Case(side, stage, dp, args.hidden, args.blocks, args.batch, args.steps, args.device, args.dtype)
+        return Case(
+            side, stage, dp, args.hidden, args.blocks, args.batch, args.steps, args.device, args.dtype, args.statistic
+        )
 
     from scaling.core.optimizer.config import OptimizerConfig
 
     sides = ("scaling", "deepspeed") if "zero_stage" in OptimizerConfig.model_fields else ("deepspeed",)
-    results: dict[tuple[str, int, int], dict[str, float]] = {}
+    groups = []
     for dp in args.dp:
-        results["engine", 0, dp] = run_case(case("engine", 0, dp))
-        for stage in args.stages:
-            for side in sides:
-                results[side, stage, dp] = run_case(case(side, stage, dp))
-    legacy = {} if args.no_legacy else run_legacy([case("legacy", 1, dp) for dp in args.dp])
-    print_table(args, results, legacy)
+        for i, stage in enumerate(args.stages):
+            engine = [case("engine", 0, dp)] if i == 0 else []  # timed beside the first stage's contenders
+            groups.append([case(side, stage, dp) for side in sides] + engine)
+    results = run_cases(groups)
+    if not args.no_legacy:
+        results.update(run_legacy([case("legacy", 1, dp) for dp in args.dp]))
+    print_table(args, results)
 
 
 if __name__ == "__main__":
