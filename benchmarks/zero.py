@@ -5,7 +5,7 @@ Run: ``python benchmarks/zero.py [--dp 2 4] [--stages 0 1 2 3] [--steps N] [--de
 
 Why this exists: the ZeRO redesign (issue 11) promises fewer bytes per parameter than the engine it
 replaces and step times no slower than DeepSpeed. Figures from separate runs on a shared machine do not
-compare, so every contender runs here, one after the other, on the same model, batch and hyper-parameters:
+compare, so every contender runs here, in the same run, on the same model, batch and hyper-parameters:
 
 * ``scaling``: our stage k (``OptimizerConfig(zero_stage=k)``);
 * ``deepspeed``: ``deepspeed.initialize`` with ZeRO stage k, DeepSpeed's CPU accelerator on gloo (CUDA and
@@ -20,16 +20,19 @@ AdamW (same betas, eps, constant learning rate, no weight decay), no gradient cl
 
 The model is an MLP whose activations are small next to its weights (default: 6 residual blocks of width
 512, 12.6M parameters, 8 rows per rank), built from the engine's own column/row-parallel linear layers;
-DeepSpeed gets the very same layer objects in an ``nn.Sequential``. So the bytes measured are those of
-parameters, gradients and optimizer state, which is what ZeRO shards.
+DeepSpeed gets the same layers, built from the same specs and seeds, in an ``nn.Sequential``. So the bytes
+measured are those of parameters, gradients and optimizer state, which is what ZeRO shards.
 
 Peak memory is one measurement for every side, ``scaling.core.memory.measure_peak`` (torch's memory
 tracker: every tensor storage alive, from before model construction to the end of the second step, when
-the Adam moments exist). Bytes per parameter divide the peak of the worst rank by the parameter count of
-the whole model. Step time is taken after the tracked steps (the tracker slows every op) and one warm-up
-step: per rank the fastest of ``--steps`` steps by default (``--statistic median`` for the median), then
-the slowest rank. The fastest step is the one least disturbed by other processes on a shared machine, so
-it compares implementations; expect the median to move by tens of percent between runs on 2 shared cores.
+the Adam moments exist), in a world of processes of its own per contender, so nothing another contender
+left behind is counted. Bytes per parameter divide the peak of the worst rank by the parameter count of
+the whole model. Step times come from one more world per stage that builds all of that stage's
+contenders and steps them in turn (after three warm-up steps each), so a burst of load from other
+processes slows all of them alike; per rank the fastest of ``--steps`` steps by default (``--statistic
+median`` for the median), then the slowest rank. The fastest step is the one least disturbed by other
+processes, so it compares implementations; on 2 shared cores the median moves by tens of percent between
+runs. The pre-redesign ZeRO-1 runs in its own subprocess, so its time is not timed in turn with the rest.
 
 DeepSpeed's bucket sizes default to 5e8 elements, sized for billions of parameters: on this model a run
 with them peaks at ~170 bytes/parameter at stages 1-3, nearly all of it buckets. It gets the bucket budget
