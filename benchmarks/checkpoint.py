@@ -65,9 +65,8 @@ def _checkpoint_bench(directory: str, layers: int, hidden: int, repeats: int) ->
     module.train_step([torch.randn(2, hidden)])
     optimizer.step(0)
     names = dict(module.named_parameters_canonical())
-    states = optimizer.parameter_states()
     plain = {n: p.detach() for n, p in names.items()}
-    plain.update({f"{n}.{k}": v for n, p in names.items() for k, v in states[id(p)].items()})
+    plain.update({f"{n}.{k}": v for n in names for k, v in optimizer.parameter_state(n).items()})
     timings: dict[str, list[float]] = {
         "save": [],
         "load": [],

@@ -54,8 +54,10 @@ def _peak_memory_mib(device: torch.device) -> float:
 def _run(zero: bool, layers: int, hidden: int, steps: int) -> dict[str, float]:
     torch.set_num_threads(1)
     topo = Topology(TopologyConfig(data_parallel_size=torch.distributed.get_world_size()))
-    module = ParallelModule([LayerSpec(Block, (hidden, i)) for i in range(layers)], topo, _loss)
-    optimizer = Optimizer(module, OptimizerConfig(zero=zero))
+    config = OptimizerConfig(zero_stage=1 if zero else 0)
+    specs = [LayerSpec(Block, (hidden, i)) for i in range(layers)]
+    module = ParallelModule(specs, topo, _loss, sharding=config.sharding)
+    optimizer = Optimizer(module, config)
     n_params = sum(p.numel() for p in module.parameters())
     batch = torch.randn(4, 8, hidden, device=topo.device)
     times, totals = [], []

@@ -32,6 +32,7 @@ def train(config: MLPConfig) -> dict[str, float]:
         seed=seed,
         rng_tracker=rng,
         precision=config.precision,
+        sharding=config.optimizer.sharding,
     )
     optimizer = Optimizer(module, config.optimizer)
     train_data = DistributedDataLoader(Digits("train"), topology, seed=seed)

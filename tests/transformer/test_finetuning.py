@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from scaling.core.nn import get_param_meta, unshard
+from scaling.core.nn import unshard
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
@@ -43,7 +43,7 @@ def _finetune(tp: int, finetuning: dict[str, Any], arch: dict[str, Any]) -> dict
     )
     first = tuned.train_step(batches, step=0)
     grads = {
-        n: (tuned.main_grad(p).clone(), get_param_meta(p).tp_split_dim)
+        n: (tuned.main_grad(n).clone(), tuned.param_table[n].tp_split_dim)  # type: ignore[union-attr]
         for n, p in tuned.named_parameters_canonical()
         if p.requires_grad
     }

@@ -115,7 +115,8 @@ def _step(layout: dict[str, Any], jsonl: str, tokenizer: str, to_sequence_length
     result = module.train_step(batches)
     grads = {}
     if topo.world_size == 1:
-        grads = {n: module.grad_reducer.main_grad(p).clone() for n, p in module.named_parameters()}
+        grads = {n: module.main_grad(n) for n, p in module.named_parameters_canonical() if p.requires_grad}
+        grads = {n: g.clone() for n, g in grads.items() if g is not None}
     return {"loss": result.loss, "widths": [b["tokens"].shape[1] for b in batches], "grads": grads}
 
 

@@ -99,8 +99,11 @@ def _parallel(arch: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any]:
     result = module.train_step(mine)
     grads = {}
     for index in module.layers:
-        for name, p in module.layers[index].named_parameters():
-            grads[f"layers.{index}.{name}"] = (module.main_grad(p).clone(), get_param_meta(p).tp_split_dim)
+        for name, _ in module.layers[index].named_parameters():
+            canonical = module.canonical_name(f"layers.{index}.{name}")
+            grad = module.main_grad(canonical)
+            assert grad is not None, canonical
+            grads[f"layers.{index}.{name}"] = (grad.clone(), module.param_table[canonical].tp_split_dim)
     return {"coord": (topo.pp_rank, topo.dp_rank, topo.tp_rank), "loss": result.loss, "grads": grads}
 
 

@@ -61,7 +61,7 @@ def _engine_and_plain(arch: dict[str, Any]) -> dict[str, Any]:
         "names": (sorted(engine_params), sorted(plain_params)),
         "weights": [torch.equal(engine_params[n], plain_params[n]) for n in plain_params],
         "loss": (result.loss, output.loss.detach()),
-        "grads": {n: (engine.main_grad(engine_params[n]).clone(), p.grad.clone()) for n, p in plain_params.items()},
+        "grads": {n: (_grad(engine, n), p.grad.clone()) for n, p in plain_params.items()},
     }
 
 
@@ -77,3 +77,9 @@ def test_plain_transformer_equals_the_engine_on_one_process(arch: dict[str, Any]
         # The engine accumulates into an fp32 main-grad buffer scaled by the micro-batch's token share (1.0
         # here); the sum can differ from autograd's in the last bit only.
         torch.testing.assert_close(engine_grad, plain_grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _grad(module: ParallelModule, name: str) -> torch.Tensor:
+    grad = module.main_grad(name)
+    assert grad is not None, name
+    return grad.clone()

@@ -133,6 +133,7 @@ def build_module(config: TransformerConfig, topology: Topology, rng: RngTracker 
         precision=config.precision,
         adapt=adapt,
         weight_fn=loss_tokens,
+        sharding=config.optimizer.sharding,
     )
 
 

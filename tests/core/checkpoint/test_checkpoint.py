@@ -13,10 +13,11 @@ import torch.distributed as dist
 
 from scaling.core.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from scaling.core.checkpoint import io as checkpoint_io
-from scaling.core.nn import get_param_meta, unshard
+from scaling.core.nn import unshard
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
+from scaling.core.sharding import gathered
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
 
@@ -31,8 +32,9 @@ def _run(
 ) -> dict[str, Any]:
     dp = layout.get("data_parallel_size", 1)
     topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=MICRO_PER_STEP // dp))
-    module = ParallelModule(model_specs(topo, 2, 0.1), topo, Loss(topo), seed=3)
-    optimizer = Optimizer(module, OptimizerConfig.from_dict({**OPTIMIZER, "zero": zero}))
+    config = OptimizerConfig.from_dict({**OPTIMIZER, "zero": zero})
+    module = ParallelModule(model_specs(topo, 2, 0.1), topo, Loss(topo), seed=3, sharding=config.sharding)
+    optimizer = Optimizer(module, config)
     if load:
         assert save_dir is not None
         info = load_checkpoint(save_dir, module, optimizer)
@@ -46,7 +48,10 @@ def _run(
         if save_at is not None and step + 1 == save_at:
             assert save_dir is not None
             save_checkpoint(save_dir, step + 1, module, optimizer, config={"layout": layout})
-    weights = {n: (p.detach().clone(), get_param_meta(p).tp_split_dim) for n, p in module.named_parameters_canonical()}
+    weights = {
+        n: (gathered(p.detach()).clone(), module.param_table[n].tp_split_dim)
+        for n, p in module.named_parameters_canonical()
+    }
     return {"coord": (topo.pp_rank, topo.dp_rank, topo.tp_rank), "losses": losses, "weights": weights}
 
 

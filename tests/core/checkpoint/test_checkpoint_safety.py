@@ -301,7 +301,7 @@ def test_non_finite_tensors_are_never_published(tmp_path: Path, topology: Topolo
             param.view(-1)[0] = float("nan")
         expected = f"parameter {name!r} is not finite at step 3"
     else:
-        run.optimizer.parameter_states()[id(param)]["exp_avg_sq"].view(-1)[0] = float("inf")  # a view of the state
+        run.optimizer.parameter_state(name)["exp_avg_sq"].view(-1)[0] = float("inf")  # a view of the state
         expected = f"optimizer state exp_avg_sq of parameter {name!r} is not finite at step 3"
     run.context.step = 3
     with pytest.raises(CheckpointError, match=f"^{expected}: the checkpoint is not saved$"):

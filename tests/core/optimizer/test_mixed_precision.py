@@ -16,6 +16,7 @@ from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.layer_spec import LayerSpec
 from scaling.core.pipeline.module import ParallelModule
+from scaling.core.sharding import gathered
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
 
@@ -55,7 +56,7 @@ def _gradient_reduction(reduce_in_fp32: bool) -> dict[str, Any]:
     optimizer = Optimizer(module, OptimizerConfig.from_dict({"training_groups": [{}]}))
     mine = batches(2 * topo.dp_size, seed=0)[topo.dp_rank * 2 : (topo.dp_rank + 1) * 2]
     module.train_step(mine, step=0, loss_scale=optimizer.loss_scale)
-    grads = {n: module.main_grad(p).clone() for n, p in module.named_parameters_canonical()}
+    grads = {n: module.main_grad(n).clone() for n, _ in module.named_parameters_canonical()}  # type: ignore[union-attr]
     return {
         "no_scaler": optimizer.scaler is None and optimizer.loss_scale == 1.0,  # bf16 needs no loss scaling
         "dtypes": {str(g.dtype) for g in grads.values()},
@@ -185,12 +186,14 @@ def test_fp16_overflow_skips_that_step_everywhere_and_the_scale_recovers() -> No
 def _resumable(dp_layout: int, zero: bool, steps: range, state: list[dict[str, Any]] | None) -> dict[str, Any]:
     topo = Topology(TopologyConfig(data_parallel_size=dp_layout))
     n_micro = 4 // dp_layout
-    module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo))
-    config = {
-        "zero": zero,
-        "training_groups": [{"weight_decay": 0.1, "learning_rate_schedule": {"learning_rate": 1e-2}}],
-    }
-    optimizer = Optimizer(module, OptimizerConfig.from_dict(config))
+    config = OptimizerConfig.from_dict(
+        {
+            "zero": zero,
+            "training_groups": [{"weight_decay": 0.1, "learning_rate_schedule": {"learning_rate": 1e-2}}],
+        }
+    )
+    module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo), sharding=config.sharding)
+    optimizer = Optimizer(module, config)
     if state is not None:
         optimizer.load_state_dict(state)
     losses = []
@@ -198,7 +201,7 @@ def _resumable(dp_layout: int, zero: bool, steps: range, state: list[dict[str, A
         mine = batches(4, seed=50 + step)[topo.dp_rank * n_micro : (topo.dp_rank + 1) * n_micro]
         losses.append(module.train_step(mine, step=step).loss)
         optimizer.step(step)
-    weights = {n: p.detach().clone() for n, p in module.named_parameters_canonical()}
+    weights = {n: gathered(p.detach()).clone() for n, p in module.named_parameters_canonical()}
     return {"losses": losses, "weights": weights, "state": optimizer.state_dict()}
 
 

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 import torch
 
-from scaling.core.nn import get_param_meta, unshard
+from scaling.core.nn import unshard
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.lr_schedule import learning_rate_at
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.optimizer.param_groups import assign_groups
 from scaling.core.pipeline.module import ParallelModule
+from scaling.core.sharding import gathered
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
 
@@ -91,8 +92,9 @@ def _reference(steps: int, dp: int) -> dict[str, Any]:
 
 def _parallel(layout: dict[str, Any], steps: int, zero: bool) -> dict[str, Any]:
     topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=N_MICRO))
-    module = ParallelModule(model_specs(topo, N_BLOCKS, 0.0), topo, Loss(topo))
-    optimizer = Optimizer(module, OptimizerConfig.from_dict({**OPTIMIZER, "zero": zero}))
+    config = OptimizerConfig.from_dict({**OPTIMIZER, "zero": zero})
+    module = ParallelModule(model_specs(topo, N_BLOCKS, 0.0), topo, Loss(topo), sharding=config.sharding)
+    optimizer = Optimizer(module, config)
     losses, norms, clipped = [], [], []
     for step in range(steps):
         mine = _step_batches(step, topo.dp_size)[topo.dp_rank * N_MICRO : (topo.dp_rank + 1) * N_MICRO]
@@ -100,7 +102,10 @@ def _parallel(layout: dict[str, Any], steps: int, zero: bool) -> dict[str, Any]:
         result = optimizer.step(step)
         norms.append(result.grad_norm)
         clipped.append(result.grad_norm_clipped)
-    weights = {n: (p.detach().clone(), get_param_meta(p).tp_split_dim) for n, p in module.named_parameters_canonical()}
+    weights = {
+        n: (gathered(p.detach()).clone(), module.param_table[n].tp_split_dim)
+        for n, p in module.named_parameters_canonical()
+    }
     state_bytes = sum(
         t.numel() * t.element_size()
         for slot in optimizer.state_dict()["slots"]

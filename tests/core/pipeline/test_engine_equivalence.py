@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from scaling.core.nn import get_param_meta, unshard
+from scaling.core.nn import unshard
 from scaling.core.nn.dropout import DropoutKey, dropout_key
 from scaling.core.optimizer.clipping import global_grad_norm
 from scaling.core.pipeline.module import ParallelModule
@@ -74,9 +74,13 @@ def _parallel(config: dict[str, Any]) -> dict[str, Any]:
     result = module.train_step(mine)
     grads: dict[str, Any] = {}
     for index in module.layers:
-        for name, p in module.layers[index].named_parameters(remove_duplicate=False):
-            grads[f"layers.{index}.{name}"] = (module.main_grad(p).clone(), get_param_meta(p).tp_split_dim)
-    norm = global_grad_norm([module.main_grad(p) for p in module.parameters_counted_in_norm()], topo.model_group)
+        for name, _ in module.layers[index].named_parameters(remove_duplicate=False):
+            canonical = module.canonical_name(f"layers.{index}.{name}")
+            grad = module.main_grad(canonical)
+            assert grad is not None
+            grads[f"layers.{index}.{name}"] = (grad.clone(), module.param_table[canonical].tp_split_dim)
+    counted = [module.main_grad(n) for n in module.names_counted_in_norm()]
+    norm = global_grad_norm([g for g in counted if g is not None], topo.model_group)
     evaluated = module.eval_step(mine)
     return {
         "coord": (topo.pp_rank, topo.dp_rank, topo.tp_rank),

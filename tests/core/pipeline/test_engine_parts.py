@@ -8,6 +8,7 @@ from torch import nn
 
 from scaling.core.pipeline.checkpointing import checkpointed
 from scaling.core.pipeline.grad_reduce import GradReducer
+from scaling.core.pipeline.grad_sync import BucketedAllReduce, ModelParallelSums
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Coord, RngTracker
 
@@ -16,7 +17,7 @@ def _reduce_in_buckets() -> dict[str, object]:
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
-    reducer = GradReducer(list(model.parameters()), None, dist.get_world_size(), bucket_bytes=64)
+    reducer = GradReducer(list(model.named_parameters()), None, dist.get_world_size(), bucket_bytes=64)
     launched_during_backward = []
     reducer.zero(n_micro=2)
     for micro in range(2):
@@ -96,11 +97,12 @@ def _frozen_parameters_are_left_alone() -> dict[str, object]:
     module = ParallelModule([LayerSpec(nn.Linear, (4, 4)), LayerSpec(nn.Linear, (4, 4))], topo, loss)
     frozen = module.layers["0"].weight
     frozen.requires_grad_(False)
-    reducer = GradReducer(list(module.parameters()), topo.dp_group, topo.dp_size, bucket_bytes=1 << 20)
-    module.grad_reducer = reducer
+    reducer = GradReducer(module.named_parameters_canonical(), topo.dp_group, topo.dp_size, bucket_bytes=1 << 20)
+    module.grad_sync = BucketedAllReduce(reducer, {}, ModelParallelSums(topo.tp_group))
+    module.param_table = module._build_param_table()  # the table records what was frozen after building
     module.train_step([torch.randn(2, 4) + dist.get_rank()])
     in_buckets = any(p is frozen for b in reducer.buckets for p in b.params)
-    counted = any(p is frozen for p in module.parameters_counted_in_norm())
+    counted = "layers.0.weight" in module.names_counted_in_norm()
     return {"grad_is_none": frozen.grad is None, "in_buckets": in_buckets, "counted": counted}
 
 

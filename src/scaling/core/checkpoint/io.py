@@ -42,9 +42,10 @@ from scaling.core.checkpoint.layout import (
 )
 from scaling.core.checkpoint.writes import SaveWrites, first_error
 from scaling.core.logging import get_logger
-from scaling.core.nn.param_meta import get_param_meta, shard
+from scaling.core.nn.param_meta import shard
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
+from scaling.core.sharding.tensors import assign_full, gathered
 
 __all__ = ["CheckpointInfo", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -182,15 +183,25 @@ def save_checkpoint(
     if (error := first_error(writes.error)) is not None:
         raise CheckpointError(error)
 
-    saved = [p for p in module.parameters() if weights == "all" or p.requires_grad]
-    _save_per_layer(writes, module, {id(p): {"": p.detach()} for p in saved}, model_layer_file)
+    def weights_of(name: str, p: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if weights != "all" and not p.requires_grad:
+            return None
+        # Sharded stages hold fp32 masters as parameters; the model file stores the compute dtype on
+        # every stage, so a checkpoint's weights do not depend on the ZeRO stage that saved them.
+        return {"": gathered(p.detach()).to(module.dtype)}
+
+    _save_per_layer(writes, module, weights_of, model_layer_file)
     if optimizer is not None:
-        states = optimizer.parameter_states()  # collective over dp when sharded
         steps = optimizer.steps_taken()
         slot_of = {name: slot.key for slot in optimizer.slots for name in slot.names}
-        optimizer_tensors = {pid: {f".{k}": v for k, v in state.items()} for pid, state in states.items()}
         steps_of = {name: str(steps[key]) for name, key in slot_of.items()}
-        _save_per_layer(writes, module, optimizer_tensors, optimizer_layer_file, extra=steps_of)
+
+        def optimizer_state_of(name: str, p: torch.Tensor) -> dict[str, torch.Tensor] | None:
+            if name not in slot_of:
+                return None
+            return {f".{k}": v for k, v in optimizer.parameter_state(name).items()}  # gathered over dp
+
+        _save_per_layer(writes, module, optimizer_state_of, optimizer_layer_file, extra=steps_of)
     if rank_state:
         state_file = rank_state_file(work, topo.global_rank)
         writes.tensors(state_file, dict(rank_state), {}, lambda key: f"rank state {key!r}")
@@ -212,6 +223,7 @@ def save_checkpoint(
             if optimizer is None
             else {
                 "zero": optimizer.sharded,
+                "zero_stage": optimizer.config.zero_stage,
                 "loss_scaler": optimizer.scaler.state_dict() if optimizer.scaler else None,
             },
             "config": dict(config) if config is not None else None,
@@ -243,40 +255,48 @@ def _prepare(save_dir: Path, step: int, unpublished: bool) -> None:
 def _save_per_layer(
     writes: SaveWrites,
     module: ParallelModule,
-    tensors_of: dict[int, dict[str, torch.Tensor]],
+    tensors_for: Any,
     file_of: Any,
     extra: dict[str, str] | None = None,
 ) -> None:
-    """Write, per layer, the full-size tensors ``tensors_of[id(param)]`` (suffix -> this rank's slice).
+    """Write, per layer, the full-size tensors ``tensors_for(name, param)`` (suffix -> this rank's slice,
+    full over data-parallel ranks; None to skip the parameter).
 
-    Tensor-parallel slices are all-gathered over the first data-parallel replica's tp group; its tp rank
-    0 writes. Tied copies are written once, by their first stage. ``extra``: per canonical parameter name,
-    a string stored in the file's metadata (the optimizer's step count). ``writes`` records the SHA-256
-    of each file this rank wrote, by its path inside the checkpoint.
+    ``tensors_for`` runs on every rank, parameter by parameter in the same order (gathering a sharded
+    parameter is collective over dp), and each layer is written before the next one is gathered: no rank
+    holds more than one layer beyond its shards. Tensor-parallel slices are all-gathered over the first
+    data-parallel replica's tp group; its tp rank 0 writes. Tied copies are written once, by their first
+    stage. ``extra``: per canonical parameter name, a string stored in the file's metadata (the optimizer's
+    step count). ``writes`` records the SHA-256 of each file this rank wrote, by its path inside the
+    checkpoint.
     """
     topo = module.topology
-    by_layer: dict[int, dict[str, torch.Tensor]] = {}
-    meta: dict[int, dict[str, str]] = {}
+    by_layer: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
     for name, p in module.named_parameters_canonical():
-        if module.is_tied_copy(p) or id(p) not in tensors_of or topo.dp_rank != 0:
-            continue
-        layer, key = _layer_and_key(name)
-        split = get_param_meta(p).tp_split_dim
-        for suffix, local in tensors_of[id(p)].items():
-            full = local
-            if split is not None and topo.tp_size > 1:
-                parts = [torch.empty_like(local) for _ in range(topo.tp_size)]
-                dist.all_gather(parts, local.contiguous(), group=topo.tp_group)
-                full = torch.cat(parts, dim=split)
-            by_layer.setdefault(layer, {})[key + suffix] = full
-        entry = {"tp_split_dim": split}
-        if extra is not None and name in extra:
-            entry["step"] = int(extra[name])
-        meta.setdefault(layer, {})[key] = json.dumps(entry)
-    if topo.dp_rank != 0 or topo.tp_rank != 0:
-        return
-    for layer, tensors in by_layer.items():
-        writes.tensors(file_of(writes.work, layer), tensors, meta[layer], partial(_describe, layer))
+        if not module.is_tied_copy(name):
+            by_layer.setdefault(_layer_and_key(name)[0], []).append((name, p))
+    for layer, named in sorted(by_layer.items()):
+        gathered_layer: dict[str, torch.Tensor] = {}
+        meta: dict[str, str] = {}
+        for name, p in named:
+            pieces = tensors_for(name, p)
+            if pieces is None or topo.dp_rank != 0:
+                continue
+            _, key = _layer_and_key(name)
+            split = module.param_table[name].tp_split_dim
+            for suffix, local in pieces.items():
+                full = local
+                if split is not None and topo.tp_size > 1:
+                    parts = [torch.empty_like(local) for _ in range(topo.tp_size)]
+                    dist.all_gather(parts, local.contiguous(), group=topo.tp_group)
+                    full = torch.cat(parts, dim=split)
+                gathered_layer[key + suffix] = full
+            entry = {"tp_split_dim": split}
+            if extra is not None and name in extra:
+                entry["step"] = int(extra[name])
+            meta[key] = json.dumps(entry)
+        if gathered_layer and topo.dp_rank == 0 and topo.tp_rank == 0:
+            writes.tensors(file_of(writes.work, layer), gathered_layer, meta, partial(_describe, layer))
 
 
 def _describe(layer: int, key: str) -> str:
@@ -312,8 +332,7 @@ def load_checkpoint(
             _load_optimizer(checkpoint, manifest, module, optimizer, checksums)
             info.optimizer_loaded = True
         else:
-            for shard_ in optimizer.shards:
-                shard_.load_from_params()
+            optimizer.reload_masters_from_params()
     topo = module.topology
     source = saved_rank_for(manifest.get("topology") or {}, topo.pp_rank, topo.tp_rank, _topology_record(module))
     if source is None and (manifest.get("topology") or {}) == _topology_record(module):
@@ -356,6 +375,7 @@ def _read_full(
     layer, key = _layer_and_key(name)
     path = file_of(checkpoint, layer)
     if path not in cache:
+        cache.clear()  # parameters come layer by layer: keep only the current layer's file in memory
         digest = checksums.get(path.relative_to(checkpoint).as_posix())
         if not path.is_file() and digest is not None:
             raise CheckpointError(f"checkpoint file {path} is missing (the manifest lists it)")
@@ -364,8 +384,8 @@ def _read_full(
     full = tensors.get(key + suffix)
     if full is None:
         return None, {}
-    split = get_param_meta(p).tp_split_dim
-    expected = list(p.shape)
+    split = module.param_table[name].tp_split_dim
+    expected = list(p.shape)  # this rank's tensor-parallel slice (a DTensor's shape is full over dp)
     if split is not None:
         expected[split] *= topo.tp_size
     if list(full.shape) != expected:
@@ -388,8 +408,7 @@ def _load_model(checkpoint: Path, module: ParallelModule, missing: str, checksum
                 f"parameter {name!r} is not in the checkpoint ({where}); "
                 "pass missing='keep_initialised' to keep its initial value"
             )
-        with torch.no_grad():
-            p.copy_(local.to(dtype=p.dtype, device=p.device))
+        assign_full(p, local)
 
 
 def _load_optimizer(
@@ -398,7 +417,6 @@ def _load_optimizer(
     if manifest.get("optimizer") is None:
         raise CheckpointError(f"{checkpoint} has no optimizer state; load with load_optimizer=False")
     cache: dict[Path, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
-    states: dict[int, dict[str, torch.Tensor]] = {}
     steps: dict[str, int] = {}
     slot_of = {name: slot.key for slot in optimizer.slots for name in slot.names}
     for name, p in module.named_parameters_canonical():
@@ -413,8 +431,8 @@ def _load_optimizer(
                 )
             entry[stat] = local
             steps[slot_of[name]] = int(meta.get("step", 0))
-        states[id(p)] = entry
-    optimizer.load_parameter_states(states, steps)
+        optimizer.load_parameter_state(name, entry)  # one parameter at a time
+    optimizer.set_steps_taken(steps)
     scaler_state = manifest["optimizer"].get("loss_scaler")
     if optimizer.scaler is not None and scaler_state is not None:
         optimizer.scaler.load_state_dict(scaler_state)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from scaling.core.config import BaseConfig, InvalidCombination
+from scaling.core.logging import get_logger
 from scaling.core.optimizer.loss_scaler import LossScalerConfig
 from scaling.core.optimizer.lr_schedule import LearningRateScheduleConfig
+from scaling.core.sharding.policy import Offload, ReshardAfterForward, ShardingPolicy
 
 __all__ = ["OptimizerConfig", "TrainingGroupConfig"]
+
+_logger = get_logger("scaling.config")
 
 
 class TrainingGroupConfig(BaseConfig):
@@ -31,7 +37,7 @@ class TrainingGroupConfig(BaseConfig):
 
 
 class OptimizerConfig(BaseConfig):
-    """AdamW with fp32 master weights, optional ZeRO-1 sharding and dynamic loss scaling."""
+    """AdamW with fp32 master weights, ZeRO stages 0-3 and dynamic loss scaling."""
 
     beta1: float = Field(0.9, gt=0, lt=1, description="Adam beta1 (first-moment decay).")
     beta2: float = Field(0.95, gt=0, lt=1, description="Adam beta2 (second-moment decay).")
@@ -39,8 +45,20 @@ class OptimizerConfig(BaseConfig):
     gradient_clipping: float = Field(
         1.0, ge=0, description="Clip the global gradient L2 norm to this value; 0 disables clipping."
     )
-    zero: bool = Field(
-        False, description="ZeRO stage 1: shard fp32 master weights and Adam states over data-parallel ranks."
+    zero: bool = Field(False, description="Deprecated: read as zero_stage 1.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0,
+        description="ZeRO stage over data-parallel ranks (FSDP2 for 1-3): 0 none; 1 shards fp32 masters and "
+        "Adam states, gradients reduce-scattered once per step; 2 also reduce-scatters every micro-batch; 3 "
+        "also frees each layer's gathered parameters after its forward.",
+    )
+    offload: Offload = Field(
+        Offload.NONE,
+        description="'cpu': keep sharded parameters, gradients and optimizer state in CPU memory (ZeRO 1-3).",
+    )
+    reshard_after_forward: ReshardAfterForward = Field(
+        ReshardAfterForward.AUTO,
+        description="Free gathered parameters after each layer's forward: 'auto' (stage 3 only), 'always', 'never'.",
     )
     training_groups: list[TrainingGroupConfig] = Field(
         default_factory=lambda: [TrainingGroupConfig()],
@@ -49,6 +67,27 @@ class OptimizerConfig(BaseConfig):
     loss_scaler: LossScalerConfig = Field(
         default_factory=LossScalerConfig, description="Dynamic loss scaling, used with float16 parameters only."
     )
+
+    @model_validator(mode="after")
+    def _zero_stage(self) -> OptimizerConfig:
+        if self.zero:
+            if "zero_stage" in self.model_fields_set and self.zero_stage != 1:
+                raise InvalidCombination(
+                    f"zero: true (deprecated, meaning stage 1) contradicts zero_stage: {self.zero_stage}; "
+                    "remove 'zero'",
+                    "zero",
+                )
+            _logger.warning("optimizer.zero is deprecated; read as optimizer.zero_stage: 1")
+            object.__setattr__(self, "zero_stage", 1)
+            object.__setattr__(self, "zero", False)
+        if self.zero_stage == 0 and self.offload != Offload.NONE:
+            raise InvalidCombination("offload needs zero_stage 1, 2 or 3", "offload")
+        return self
+
+    @property
+    def sharding(self) -> ShardingPolicy:
+        """What the model must be built with for this optimizer (``ParallelModule(sharding=...)``)."""
+        return ShardingPolicy(self.zero_stage, self.offload, self.reshard_after_forward)
 
     @model_validator(mode="after")
     def _unique_group_names(self) -> OptimizerConfig:

@@ -1,22 +1,24 @@
-"""AdamW over a :class:`ParallelModule`: fp32 master weights, optional ZeRO-1, loss scaling, clipping.
+"""AdamW over a :class:`ParallelModule` at any ZeRO stage: fp32 masters, loss scaling, clipping, schedules.
 
 One call of :meth:`Optimizer.step` after ``module.train_step``:
 
-1. read the averaged gradients (``module.main_grad``, fp32 when reduced in fp32); with fp16 undo the
+1. read the final gradients through the module's gradient sync (``module.main_grad(name)``: the
+   data-parallel mean, fp32 when reduced in fp32; this rank's shard under ZeRO 1-3); with fp16 undo the
    loss scale;
-2. with ZeRO, reduce-scatter the local gradient sums over data-parallel ranks straight into this rank's
-   shards (the module's own all-reduce is switched off: half the gradient traffic);
-3. compute the global gradient norm (each weight once over tp x pp, shards summed over dp); a non-finite
-   norm (or a non-finite step loss, when the caller passes it) is an overflow, seen identically by every
-   rank because the norm is reduced over every rank that holds a distinct part of it and the step loss
-   is the same on every rank — the step is skipped (weights and Adam state untouched) and, with fp16,
+2. compute the global gradient norm (each weight once over tp x pp, and shards summed over dp); a
+   non-finite norm (or a non-finite step loss, when the caller passes it) is an overflow, seen identically
+   by every rank because the norm is reduced over every rank that holds a distinct part of it and the step
+   loss is the same on every rank — the step is skipped (weights and Adam state untouched) and, with fp16,
    the loss scale lowered. Deciding it reads the norm and the loss to the host once: the step's only sync;
-4. clip; set each group's learning rate from its schedule;
-5. run ``torch.optim.AdamW`` on the fp32 master shards (the whole vector without ZeRO, ``1 / dp`` of it
-   with ZeRO), then copy the masters back into the model (all-gathered over dp with ZeRO).
+3. clip; set each group's learning rate from its schedule;
+4. run ``torch.optim.AdamW`` on the fp32 masters:
+   * stage 0: one flat fp32 vector per parameter slot (fp32 parameters are views of it; narrower ones are
+     copied back after the update);
+   * stages 1-3: the module's parameters themselves, which FSDP2 keeps as fp32 shards (``DTensor``), so
+     Adam's states are sharded like them and nothing is copied back.
 
-The update math is PyTorch's own AdamW applied to flat fp32 vectors, so a single process with
-``torch.optim.AdamW`` is the exact reference.
+The update math is PyTorch's own AdamW, so a single process with ``torch.optim.AdamW`` is the exact
+reference at every stage.
 """
 
 from __future__ import annotations
@@ -30,18 +32,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scaling.core.config import ConfigError
 from scaling.core.logging import get_logger
 from scaling.core.optimizer.clipping import clip_grads_, global_grad_norm
 from scaling.core.optimizer.config import OptimizerConfig
-from scaling.core.optimizer.flat_shard import FlatShard
+from scaling.core.optimizer.flat_shard import FlatShard, SlotLayout
 from scaling.core.optimizer.loss_scaler import DynamicLossScaler
 from scaling.core.optimizer.lr_schedule import learning_rate_at
 from scaling.core.optimizer.param_groups import ParamSlot, assign_groups, check_patterns, pattern_match_counts
 from scaling.core.pipeline.module import ParallelModule
+from scaling.core.sharding.tensors import assign_full, gathered, local_part
 
 __all__ = ["Optimizer", "OptimizerStepResult"]
 
 _logger = get_logger("scaling.optimizer")
+_STATS = ("master", "exp_avg", "exp_avg_sq")
 
 
 @dataclass
@@ -60,6 +65,11 @@ class Optimizer:
         self.module = module
         self.config = config
         topology = module.topology
+        if config.zero_stage != module.sharding.stage:
+            raise ConfigError(
+                f"optimizer.zero_stage is {config.zero_stage} but the model was built for stage "
+                f"{module.sharding.stage}; build it with ParallelModule(..., sharding=config.sharding)"
+            )
         named = [(n, p) for n, p in module.named_parameters_canonical() if p.requires_grad]
         by_name = dict(named)
         names = [n for n, _ in named]
@@ -69,15 +79,20 @@ class Optimizer:
             dist.all_reduce(counts, group=topology.pp_group)
         check_patterns(config.training_groups, counts.tolist())
         self.slots: list[ParamSlot] = assign_groups(names, config.training_groups)
-        parts = topology.dp_size if config.zero else 1
-        index = topology.dp_rank if config.zero else 0
-        self.shards = [
-            FlatShard([by_name[n] for n in slot.names], parts, index, topology.dp_group) for slot in self.slots
-        ]
-        groups: list[dict[str, Any]] = [
-            {"params": [shard.master], "weight_decay": slot.weight_decay, "lr": 0.0}
-            for slot, shard in zip(self.slots, self.shards, strict=True)
-        ]
+        self.sharded = module.sharding.sharded
+        self.shards: list[FlatShard] = []
+        groups: list[dict[str, Any]]
+        if self.sharded:
+            groups = [
+                {"params": [by_name[n] for n in slot.names], "weight_decay": slot.weight_decay, "lr": 0.0}
+                for slot in self.slots
+            ]
+        else:
+            self.shards = [FlatShard(slot.names, [by_name[n] for n in slot.names]) for slot in self.slots]
+            groups = [
+                {"params": [shard.master], "weight_decay": slot.weight_decay, "lr": 0.0}
+                for slot, shard in zip(self.slots, self.shards, strict=True)
+            ]
         if not groups:  # a stage without trainable parameters (e.g. finetuning only the first stage)
             groups = [{"params": [nn.Parameter(torch.zeros(0, device=topology.device))], "lr": 0.0}]
         self.adam = torch.optim.AdamW(
@@ -85,44 +100,45 @@ class Optimizer:
             betas=(config.beta1, config.beta2),
             eps=config.eps,
             # One kernel reads and writes each state element once. The unfused path allocates full-size
-            # temporaries (sqrt, division) for the flat vector every step, which costs more than the update.
+            # temporaries (sqrt, division) for every parameter every step, which costs more than the update.
             fused=True,
         )
-        dtypes = {p.dtype for _, p in named}
         self.scaler = (
-            DynamicLossScaler(config.loss_scaler) if torch.float16 in dtypes and config.loss_scaler.enable else None
+            DynamicLossScaler(config.loss_scaler)
+            if module.dtype == torch.float16 and config.loss_scaler.enable
+            else None
         )
-        self._params = [p for _, p in named]
-        self._counted = {id(p) for p in module.parameters_counted_in_norm()}
-        self.sharded = config.zero and topology.dp_size > 1
-        if self.sharded:
-            module.grad_reducer.reduce = False  # reduce-scattered into the shards in step() instead
+        self._names = names
+        self._counted = set(module.names_counted_in_norm())
 
     @property
     def loss_scale(self) -> float:
         """Multiply the loss by this before backward (``module.train_step(..., loss_scale=...)``)."""
         return self.scaler.scale if self.scaler is not None else 1.0
 
+    def _grads(self) -> dict[str, torch.Tensor | None]:
+        grads = {name: self.module.main_grad(name) for name in self._names}
+        if self.sharded:  # a parameter no micro-batch reached updates with a zero gradient, as at stage 0
+            params = self.module.named_parameters_by_name()
+            for name, grad in grads.items():
+                if grad is None:
+                    p = params[name]
+                    p.grad = torch.zeros_like(p)
+                    grads[name] = local_part(p.grad)
+        return grads
+
     def step(self, step: int, loss: torch.Tensor | None = None) -> OptimizerStepResult:
         """Update the weights from the gradients of ``module.train_step``, or skip the update when the
         gradient norm or the step's ``loss`` (``StepResult.loss``, identical on every rank) is not finite."""
-        grads = {id(p): self.module.main_grad(p) for p in self._params}
-        if self.scaler is not None:
-            inverse = 1.0 / self.scaler.scale
-            for grad in grads.values():
-                grad.mul_(inverse)
+        grads = self._grads()
+        present = [g for g in grads.values() if g is not None]
+        if self.scaler is not None and present:
+            torch._foreach_mul_(present, 1.0 / self.scaler.scale)
         topology = self.module.topology
-        if self.sharded:
-            for shard in self.shards:
-                shard.reduce_scatter_grad(grads)
-            squares = sum(
-                (shard.squared_norm(self._counted) for shard in self.shards),
-                torch.zeros((), device=topology.device),
-            )
-            dist.all_reduce(squares)  # shards over dp x weights over tp and pp: every rank of the world
-            norm = squares.sqrt()
+        counted = [g for name, g in grads.items() if g is not None and name in self._counted]
+        if self.sharded:  # shards over dp x weights over tp and pp: every rank of the world holds a part
+            norm = global_grad_norm(counted, dist.group.WORLD, topology.device)
         else:
-            counted = [grads[id(p)] for p in self._params if id(p) in self._counted]
             norm = global_grad_norm(counted, topology.model_group, topology.device)
         # The one host sync of the step: skip or not (the loss travels in the same copy).
         checked = [norm.float()] if loss is None else [norm.float(), loss.detach().float().to(norm.device)]
@@ -131,8 +147,7 @@ class Optimizer:
         overflow = not all(math.isfinite(v) for v in values)
         lrs = {slot.group.name: learning_rate_at(step, slot.group.learning_rate_schedule) for slot in self.slots}
         if overflow:
-            for shard in self.shards:
-                shard.master.grad = None
+            self._drop_grads()
             scale_before = self.loss_scale
             exhausted = False
             if self.scaler is not None:
@@ -153,98 +168,159 @@ class Optimizer:
                 norm, norm, lrs, scale_before, skipped=True, grad_norm_value=norm_value, loss_scale_exhausted=exhausted
             )
         for shard in self.shards:
-            if not self.sharded:
-                shard.set_grad(grads)
+            shard.set_grad(grads)
         clipped = norm
         if self.config.gradient_clipping > 0:
-            master_grads = [shard.master.grad for shard in self.shards if shard.master.grad is not None]
-            clipped = clip_grads_(master_grads, self.config.gradient_clipping, norm)
+            targets = [s.master.grad for s in self.shards if s.master.grad is not None] if self.shards else present
+            clipped = clip_grads_(targets, self.config.gradient_clipping, norm)
         for slot, group in zip(self.slots, self.adam.param_groups[: len(self.slots)], strict=True):
             group["lr"] = lrs[slot.group.name]
         self.adam.step()
+        self._drop_grads()
         for shard in self.shards:
-            shard.master.grad = None
             shard.write_back()
         scale_used = self.loss_scale
         if self.scaler is not None:
             self.scaler.update(found_overflow=False)
         return OptimizerStepResult(norm, clipped, lrs, scale_used, grad_norm_value=norm_value)
 
-    # State ------------------------------------------------------------------------------------------
+    def _drop_grads(self) -> None:
+        for shard in self.shards:
+            shard.master.grad = None
+        if self.sharded:
+            for p in self.module.named_parameters_by_name().values():
+                p.grad = None
+
+    # Per-parameter state, the checkpoint's view -------------------------------------------------------
+    def _slot_of(self, name: str) -> int:
+        return next(i for i, slot in enumerate(self.slots) if name in slot.names)
+
+    def parameter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Parameter ``name``'s fp32 master, exp_avg and exp_avg_sq, shaped like this rank's tensor-parallel
+        slice and full over data-parallel ranks (gathered when sharded: collective over dp, so every dp rank
+        asks for the same names in the same order). One parameter at a time: a checkpoint of a sharded
+        model never holds more than one gathered parameter.
+
+        At stage 0 the tensors are views into the optimizer's own storage: read them, do not keep them.
+        """
+        if self.sharded:
+            p = self.module.named_parameters_by_name()[name]
+            state = self.adam.state.get(p, {})
+            zeros = torch.zeros_like(p)
+            return {
+                "master": gathered(p.detach()),
+                "exp_avg": gathered(state.get("exp_avg", zeros)),
+                "exp_avg_sq": gathered(state.get("exp_avg_sq", zeros)),
+            }
+        shard = self.shards[self._slot_of(name)]
+        state = self.adam.state.get(shard.master, {})
+        vectors = {
+            "master": shard.master.detach(),
+            "exp_avg": state.get("exp_avg", torch.zeros_like(shard.master)),
+            "exp_avg_sq": state.get("exp_avg_sq", torch.zeros_like(shard.master)),
+        }
+        return {key: shard.view(vector, name) for key, vector in vectors.items()}
+
+    def steps_taken(self) -> dict[str, int]:
+        """Adam's step count per slot key (updates applied, skipped steps excluded)."""
+        steps = {}
+        for index, slot in enumerate(self.slots):
+            state = self.adam.state.get(self._state_key(index), {})
+            steps[slot.key] = int(state["step"]) if "step" in state else 0
+        return steps
+
+    def _state_key(self, slot_index: int) -> torch.Tensor:
+        """The tensor Adam keeps a slot's step count under (its flat master, or its first parameter)."""
+        if self.sharded:
+            return self.module.named_parameters_by_name()[self.slots[slot_index].names[0]]
+        return self.shards[slot_index].master
+
+    def load_parameter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`parameter_state`: copy this rank's share of ``state`` (full over dp) in.
+
+        The model's own weights are taken from the checkpoint's model files, not from here, except under
+        ZeRO 1-3, where the parameters *are* the masters.
+        """
+        if self.sharded:
+            p = self.module.named_parameters_by_name()[name]
+            current = self.adam.state.setdefault(p, {})
+            with torch.no_grad():
+                assign_full(p, state["master"])
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key not in current:
+                        current[key] = torch.zeros_like(p)
+                    assign_full(current[key], state[key])
+            return
+        shard = self.shards[self._slot_of(name)]
+        current = self.adam.state.setdefault(shard.master, {})
+        with torch.no_grad():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key not in current:
+                    current[key] = torch.zeros_like(shard.master)
+            for key, target in (
+                ("master", shard.master),
+                ("exp_avg", current["exp_avg"]),
+                ("exp_avg_sq", current["exp_avg_sq"]),
+            ):
+                view = shard.view(target, name)
+                view.copy_(state[key].reshape(view.shape))
+
+    def set_steps_taken(self, steps: dict[str, int]) -> None:
+        """Adam's step count per slot key, as :meth:`steps_taken` returned it."""
+        for index, slot in enumerate(self.slots):
+            key = self._state_key(index)
+            for p in [key] if not self.sharded else [self.module.named_parameters_by_name()[n] for n in slot.names]:
+                state = self.adam.state.setdefault(p, {})
+                state["step"] = torch.tensor(float(steps.get(slot.key, 0)), device=local_part(p).device)
+                for stat in ("exp_avg", "exp_avg_sq"):
+                    state.setdefault(stat, torch.zeros_like(p))
+
+    def reload_masters_from_params(self) -> None:
+        """After the model's weights were loaded without optimizer state: masters follow the weights."""
+        for shard in self.shards:
+            shard.load_from_params()
+
+    # In-memory state dicts (any stage, any data-parallel size) ---------------------------------------
+    def _layout(self, slot_index: int) -> SlotLayout:
+        slot = self.slots[slot_index]
+        params = self.module.named_parameters_by_name()
+        shapes = tuple(tuple(params[n].shape) for n in slot.names)  # a DTensor's shape is full over dp
+        topology = self.module.topology
+        parts, index = (topology.dp_size, topology.dp_rank) if self.sharded else (1, 0)
+        return SlotLayout(tuple(slot.names), shapes, parts, index)
+
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shard: tensors plus the metadata to reload it on another data-parallel size."""
+        """This rank's share of each slot's flat vectors, plus what is needed to cut them anew for another
+        data-parallel size or ZeRO stage. Under ZeRO 1-3 this gathers one slot at a time (collective)."""
         slots = []
-        for slot, shard in zip(self.slots, self.shards, strict=True):
-            state = self.adam.state.get(shard.master, {})
+        steps = self.steps_taken()
+        for index, slot in enumerate(self.slots):
+            layout = self._layout(index)
+            full = {
+                stat: torch.cat([self.parameter_state(n)[stat].reshape(-1).clone() for n in slot.names])
+                for stat in _STATS
+            }
+            start, end = layout.range
             slots.append(
                 {
                     "key": slot.key,
                     "names": list(slot.names),
-                    "shapes": [list(p.shape) for p in shard.params],
-                    "numel": shard.numel,
-                    "parts": shard.parts,
-                    "index": shard.index,
-                    "range": [shard.start, shard.end],
-                    "step": int(state["step"]) if "step" in state else 0,
-                    "master": shard.master.detach().clone(),
-                    "exp_avg": state["exp_avg"].clone() if "exp_avg" in state else torch.zeros_like(shard.master),
-                    "exp_avg_sq": state["exp_avg_sq"].clone()
-                    if "exp_avg_sq" in state
-                    else torch.zeros_like(shard.master),
+                    "shapes": [list(s) for s in layout.shapes],
+                    "numel": layout.numel,
+                    "parts": layout.parts,
+                    "index": layout.index,
+                    "range": [start, end],
+                    "step": steps[slot.key],
+                    **{stat: layout.local_share(vector) for stat, vector in full.items()},
                 }
             )
         return {"slots": slots, "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
-    def parameter_states(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Per parameter (by id): its fp32 master, exp_avg and exp_avg_sq, shaped like this rank's parameter
-        (all-gathered over data-parallel ranks when sharded; collective then). Layout-independent once the
-        caller gathers tensor-parallel slices, which is how checkpoints store optimizer state.
-
-        The tensors are views into the optimizer's own storage when unsharded: read them, do not keep them.
-        """
-        states: dict[int, dict[str, torch.Tensor]] = {}
-        for shard in self.shards:
-            state = self.adam.state.get(shard.master, {})
-            vectors = {
-                "master": shard.master.detach(),
-                "exp_avg": state.get("exp_avg", torch.zeros_like(shard.master)),
-                "exp_avg_sq": state.get("exp_avg_sq", torch.zeros_like(shard.master)),
-            }
-            full = {key: shard.gather(vector) for key, vector in vectors.items()}
-            offset = 0
-            for p in shard.params:
-                states[id(p)] = {key: v[offset : offset + p.numel()].view_as(p) for key, v in full.items()}
-                offset += p.numel()
-        return states
-
-    def steps_taken(self) -> dict[str, int]:
-        """Adam's step count per slot key (updates applied, skipped steps excluded)."""
-        return {
-            slot.key: int(self.adam.state[shard.master]["step"]) if shard.master in self.adam.state else 0
-            for slot, shard in zip(self.slots, self.shards, strict=True)
-        }
-
-    def load_parameter_states(self, states: dict[int, dict[str, torch.Tensor]], steps: dict[str, int]) -> None:
-        """Inverse of :meth:`parameter_states` (+ :meth:`steps_taken`): each rank copies in its share.
-
-        The model's own weights are not touched: they were saved from these masters and loaded already.
-        """
-        for slot, shard in zip(self.slots, self.shards, strict=True):
-            moments = {key: torch.zeros_like(shard.master) for key in ("exp_avg", "exp_avg_sq")}
-            with torch.no_grad():
-                shard.master.zero_()
-                targets = {"master": shard.master, **moments}
-                for piece in shard.pieces:
-                    at = piece.flat_start + piece.lo - shard.start
-                    for key, target in targets.items():
-                        source = states[id(piece.param)][key].reshape(-1)[piece.lo : piece.hi]
-                        target[at : at + piece.hi - piece.lo].copy_(source)
-            self.adam.state[shard.master] = {"step": torch.tensor(float(steps.get(slot.key, 0))), **moments}
-
     def load_state_dict(self, shards: list[dict[str, Any]]) -> None:
         """Load from the state dicts of *all* data-parallel ranks of the saved run (any dp size, any ZeRO
-        setting): each slot's full vectors are reassembled from the saved ranges and re-cut for this rank."""
-        for slot_index, (slot, shard) in enumerate(zip(self.slots, self.shards, strict=True)):
+        stage): each slot's full vectors are reassembled from the saved ranges and re-cut for this rank."""
+        steps = {}
+        for slot_index, slot in enumerate(self.slots):
             saved = sorted((s["slots"][slot_index] for s in shards), key=lambda s: s["index"])
             first = saved[0]
             if first["key"] != slot.key or first["names"] != list(slot.names):
@@ -252,7 +328,8 @@ class Optimizer:
                     f"optimizer state slot {slot_index} holds {first['key']} with parameters {first['names'][:3]}..., "
                     f"this model has {slot.key} with {list(slot.names)[:3]}..."
                 )
-            shapes = [list(p.shape) for p in shard.params]
+            layout = self._layout(slot_index)
+            shapes = [list(s) for s in layout.shapes]
             if first["shapes"] != shapes:
                 bad = next(i for i, (a, b) in enumerate(zip(first["shapes"], shapes, strict=True)) if a != b)
                 raise ValueError(
@@ -261,17 +338,13 @@ class Optimizer:
                 )
             if [s["index"] for s in saved] != list(range(first["parts"])):
                 raise ValueError(f"optimizer state of {slot.key}: expected {first['parts']} shards, got {len(saved)}")
-            full = {
-                k: shard.local_share(torch.cat([s[k] for s in saved])[: shard.numel].to(shard.master.device))
-                for k in ("master", "exp_avg", "exp_avg_sq")
-            }
-            with torch.no_grad():
-                shard.master.copy_(full["master"])
-            self.adam.state[shard.master] = {
-                "step": torch.tensor(float(first["step"])),
-                "exp_avg": full["exp_avg"],
-                "exp_avg_sq": full["exp_avg_sq"],
-            }
+            full = {k: torch.cat([s[k] for s in saved])[: layout.numel] for k in _STATS}
+            for name, offset, shape in layout.offsets():
+                numel = math.prod(shape)
+                self.load_parameter_state(name, {k: v[offset : offset + numel].view(shape) for k, v in full.items()})
+            steps[slot.key] = int(first["step"])
+        self.set_steps_taken(steps)
+        for shard in self.shards:  # stage 0: the model's weights follow the loaded masters
             shard.write_back()
         scaler_state = shards[0].get("loss_scaler")
         if self.scaler is not None and scaler_state is not None:

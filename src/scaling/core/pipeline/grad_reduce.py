@@ -14,14 +14,14 @@ Two modes, by ``reduce_dtype``:
   bucket holds an fp32 copy that is reduced, and :meth:`GradReducer.main_grad` returns it. The optimizer
   reads gradients only through ``main_grad``.
 
-With ZeRO the optimizer switches the reduction off (``reduce = False``): the buffers then hold this
-rank's local gradient sums, and the optimizer reduce-scatters them straight into its shards, moving half
-the bytes of an all-reduce.
+Parameters are addressed by their layout-free names (the engine's parameter table), never by ``id``.
+This is ZeRO stage 0; stages 1-3 leave gradient reduction to FSDP2 (see ``grad_sync.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,8 @@ __all__ = ["GradReducer"]
 
 
 class _Bucket:
-    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype) -> None:
+    def __init__(self, names: list[str], params: list[nn.Parameter], dtype: torch.dtype) -> None:
+        self.names = names
         self.params = params
         device = params[0].device
         self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
@@ -47,7 +48,7 @@ class _Bucket:
 
 
 class GradReducer:
-    """Averages the gradients of ``params`` over ``group`` (the data-parallel group).
+    """Averages the gradients of the named parameters ``named`` over ``group`` (the data-parallel group).
 
     Use per step: :meth:`zero` before the first backward, :meth:`finish` after the last one; then read
     :meth:`main_grad`.
@@ -55,7 +56,7 @@ class GradReducer:
 
     def __init__(
         self,
-        params: Sequence[nn.Parameter],
+        named: Sequence[tuple[str, nn.Parameter]],
         group: dist.ProcessGroup | None,
         size: int,
         bucket_bytes: int,
@@ -63,47 +64,51 @@ class GradReducer:
     ) -> None:
         self.group = group
         self.size = size
-        self.reduce = True  # average over data-parallel ranks here; False when the optimizer does it
-        trainable = [p for p in params if p.requires_grad]
+        trainable = [(n, p) for n, p in named if p.requires_grad]
         self.buckets: list[_Bucket] = []
-        self._slot: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, index in bucket)
-        current: list[nn.Parameter] = []
+        self._slot: dict[str, tuple[int, int]] = {}  # name -> (bucket, index in bucket)
+        current: list[tuple[str, nn.Parameter]] = []
         current_bytes = 0
         # Reverse registration order approximates the order in which backward produces gradients.
-        for p in reversed(trainable):
+        for name, p in reversed(trainable):
             size_bytes = p.numel() * p.element_size()
-            if current and (current_bytes + size_bytes > bucket_bytes or p.dtype != current[0].dtype):
+            if current and (current_bytes + size_bytes > bucket_bytes or p.dtype != current[0][1].dtype):
                 self._add_bucket(current, reduce_dtype)
                 current, current_bytes = [], 0
-            current.append(p)
+            current.append((name, p))
             current_bytes += size_bytes
         if current:
             self._add_bucket(current, reduce_dtype)
-        self._expected: dict[int, int] = {}
-        self._seen: dict[int, int] = {}
+        self._expected: dict[str, int] = {}
+        self._seen: dict[str, int] = {}
         self._next_launch = 0
         if size > 1:
-            for p in trainable:
-                p.register_post_accumulate_grad_hook(self._on_grad_ready)  # type: ignore[no-untyped-call]
+            for name, p in trainable:
+                hook = functools.partial(self._on_grad_ready, name)
+                p.register_post_accumulate_grad_hook(hook)  # type: ignore[no-untyped-call]
 
-    def _add_bucket(self, params: list[nn.Parameter], reduce_dtype: torch.dtype | None) -> None:
-        for index, p in enumerate(params):
-            self._slot[id(p)] = (len(self.buckets), index)
-        self.buckets.append(_Bucket(params, reduce_dtype or params[0].dtype))
+    def _add_bucket(self, named: list[tuple[str, nn.Parameter]], reduce_dtype: torch.dtype | None) -> None:
+        for index, (name, _) in enumerate(named):
+            self._slot[name] = (len(self.buckets), index)
+        params = [p for _, p in named]
+        self.buckets.append(_Bucket([n for n, _ in named], params, reduce_dtype or params[0].dtype))
 
-    def main_grad(self, param: nn.Parameter) -> torch.Tensor:
-        """The averaged gradient of ``param`` (in the reduce dtype), valid after :meth:`finish`."""
-        bucket, index = self._slot[id(param)]
+    def holds(self, name: str) -> bool:
+        return name in self._slot
+
+    def main_grad(self, name: str) -> torch.Tensor:
+        """The averaged gradient of parameter ``name`` (in the reduce dtype), valid after :meth:`finish`."""
+        bucket, index = self._slot[name]
         return self.buckets[bucket].views[index]
 
-    def zero(self, n_micro: int = 1, uses: dict[int, int] | None = None) -> None:
+    def zero(self, n_micro: int = 1, uses: Mapping[str, int] | None = None) -> None:
         """Zero all gradients for a new step.
 
-        A parameter's gradient is final after ``n_micro x uses[id(param)]`` accumulations (default one
-        use); ``uses`` counts the model chunks on this rank that contain the parameter.
+        A parameter's gradient is final after ``n_micro x uses[name]`` accumulations (default one use);
+        ``uses`` counts the model chunks on this rank that contain the parameter.
         """
         uses = uses or {}
-        self._expected = {id(p): n_micro * uses.get(id(p), 1) for b in self.buckets for p in b.params}
+        self._expected = {n: n_micro * uses.get(n, 1) for b in self.buckets for n in b.names}
         self._seen = dict.fromkeys(self._expected, 0)
         for bucket in self.buckets:
             bucket.buffer.zero_()
@@ -113,10 +118,7 @@ class GradReducer:
                 p.grad = view if bucket.in_place else None
         self._next_launch = 0
 
-    def _on_grad_ready(self, param: torch.Tensor) -> None:
-        if not self.reduce:
-            return
-        key = id(param)
+    def _on_grad_ready(self, key: str, param: torch.Tensor) -> None:
         self._seen[key] = self._seen.get(key, 0) + 1
         if self._seen[key] != self._expected.get(key):
             return
@@ -148,7 +150,7 @@ class GradReducer:
 
     def finish(self) -> None:
         """Launch what is left (parameters that got no gradient), wait, and turn the sums into means."""
-        if self.size == 1 or not self.reduce:
+        if self.size == 1:
             for bucket in self.buckets:
                 self._collect(bucket)
             return

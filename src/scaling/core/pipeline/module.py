@@ -6,8 +6,10 @@ What one call of :meth:`ParallelModule.train_step` does on every rank:
 1. zero the gradients (they live in the data-parallel bucket buffers);
 2. execute this stage's instruction list (:mod:`scaling.core.pipeline.schedule`): receive, forward,
    send, receive gradient, backward, send gradient;
-3. average gradients over data-parallel ranks (started during the backward pass, bucket by bucket) and
-   sum the gradients of tied weights over the stages that hold them;
+3. make the gradients final through the gradient-sync protocol (``grad_sync.py``): averaged over
+   data-parallel ranks (bucketed all-reduce for ZeRO stage 0, FSDP2 reduce-scatter into shards for stages
+   1-3, started during the backward pass), partial sums over tensor-parallel ranks, tied copies over the
+   stages that hold them;
 4. return the loss averaged over micro-batches and data-parallel ranks, on every rank.
 
 With ``pp == 1`` the schedule degenerates to plain gradient accumulation. The result equals one process
@@ -27,10 +29,12 @@ import torch.distributed as dist
 from torch import nn
 
 from scaling.core.nn.dropout import DropoutKey, dropout_key
-from scaling.core.nn.param_meta import get_param_meta, update_param_meta
+from scaling.core.nn.param_meta import get_param_meta
+from scaling.core.nn.param_table import ParamRecord, ParamTable
 from scaling.core.nn.precision import PrecisionConfig, cast_floating
 from scaling.core.pipeline.checkpointing import checkpointed
 from scaling.core.pipeline.grad_reduce import GradReducer
+from scaling.core.pipeline.grad_sync import BucketedAllReduce, FullyShardedGrads, GradSync, ModelParallelSums
 from scaling.core.pipeline.layer_spec import LayerSpec, TiedLayerSpec
 from scaling.core.pipeline.p2p import (
     HeaderCache,
@@ -52,6 +56,8 @@ from scaling.core.pipeline.schedule import (
     build_schedule,
     forward_only,
 )
+from scaling.core.sharding.fully_sharded import shard_stage
+from scaling.core.sharding.policy import ShardingPolicy
 from scaling.core.topology.config import ActivationCheckpointingType
 from scaling.core.topology.rank_math import Coord, pipe_parallel_groups, rank_of
 from scaling.core.topology.rng import RngTracker
@@ -76,7 +82,7 @@ class _TiedGroup:
     key: str
     group: dist.ProcessGroup | None  # None when only this rank holds the key
     src: int  # global rank whose copy initialises the others
-    params: list[nn.Parameter]
+    names: list[str]  # canonical names of the tied parameters
     owner: bool  # this rank's copy is the one counted in model-wide norms
 
 
@@ -103,6 +109,8 @@ class ParallelModule(nn.Module):
             micro-batch counts in proportion to it over the whole step and all data-parallel ranks, so a
             token-averaged loss is averaged over tokens exactly as one process would; otherwise every
             micro-batch counts the same.
+        sharding: the ZeRO stage (default 0). Stages 1-3 keep fp32 parameters as sharded masters (FSDP2
+            over the data-parallel group, one unit per layer) and compute in ``precision``.
     """
 
     def __init__(
@@ -117,11 +125,13 @@ class ParallelModule(nn.Module):
         precision: PrecisionConfig | None = None,
         adapt: Callable[[nn.Module, int], nn.Module] | None = None,
         weight_fn: Callable[[Any], torch.Tensor] | None = None,
+        sharding: ShardingPolicy | None = None,
     ) -> None:
         super().__init__()
         config = topology.config
         precision = precision or PrecisionConfig()
         self.dtype = precision.precision.dtype
+        self.sharding = sharding or ShardingPolicy()
         self.topology = topology
         self.loss_fn = loss_fn
         self.input_fn = input_fn
@@ -146,27 +156,53 @@ class ParallelModule(nn.Module):
                 layer = self.specs[index].build()
                 if adapt is not None:
                     layer = adapt(layer, index)
-                self.layers[str(index)] = layer.to(device=topology.device, dtype=self.dtype)
-        self._canonical_names: dict[int, str] = {}
+                # Sharded stages keep fp32 parameters: they are the optimizer's masters (FSDP2 casts to
+                # the compute dtype when it gathers them).
+                dtype = torch.float32 if self.sharding.sharded else self.dtype
+                self.layers[str(index)] = layer.to(device=topology.device, dtype=dtype)
+        self._canonical_of: dict[str, str] = {}  # native name -> canonical name, for tied copies
         self._tied = self._tie_weights()
+        self.param_table = self._build_param_table()
 
-        uses: dict[int, int] = {}
+        uses: dict[str, int] = {}
         for layer_range in self.chunk_ranges:
-            seen: set[int] = set()
-            for index in layer_range:
-                for p in self.layers[str(index)].parameters():
-                    if id(p) not in seen:
-                        seen.add(id(p))
-                        uses[id(p)] = uses.get(id(p), 0) + 1
-        self._uses = uses
-        self._partial_grad_params = [p for p in self.parameters() if get_param_meta(p).partial_grad_over_tp]
-        self.grad_reducer = GradReducer(
-            list(self.parameters()),
-            topology.dp_group,
-            topology.dp_size,
-            int(config.grad_reduce_bucket_mb * 2**20),
-            reduce_dtype=torch.float32 if precision.reduce_grads_in_fp32 else None,
+            names = {name for index in layer_range for name, _ in self._named_in_layer(index)}
+            for name in names:
+                uses[name] = uses.get(name, 0) + 1
+        sums = ModelParallelSums(
+            topology.tp_group,
+            [r.name for r in self.param_table.values() if r.partial_grad_over_tp and r.trainable],
+            [(t.names, t.group) for t in self._tied if t.group is not None],
         )
+        reduce_dtype = torch.float32 if precision.reduce_grads_in_fp32 else None
+        self.grad_sync: GradSync
+        if self.sharding.sharded:
+            units = self._sharding_units()
+            assert topology.dp_group is not None, "ZeRO stages 1-3 need a data-parallel process group"
+            shard_stage(
+                self,
+                [[self.layers[str(i)] for i in unit] for unit in units],
+                group=topology.dp_group,
+                device=topology.device,
+                policy=self.sharding,
+                compute_dtype=self.dtype,
+                reduce_dtype=reduce_dtype,
+            )
+            chunk_units = {
+                chunk: [self.layers[str(i)] for i in layer_range] for chunk, layer_range in enumerate(self.chunk_ranges)
+            }
+            self.grad_sync = FullyShardedGrads(
+                self.named_parameters_by_name, chunk_units, self.sharding.sync_every_micro_batch, sums
+            )
+        else:
+            reducer = GradReducer(
+                self.named_parameters_canonical(),
+                topology.dp_group,
+                topology.dp_size,
+                int(config.grad_reduce_bucket_mb * 2**20),
+                reduce_dtype=reduce_dtype,
+            )
+            self.grad_sync = BucketedAllReduce(reducer, uses, sums)
         # Separate process groups give activations and gradients separate FIFO channels (see schedule.py).
         self._act_group = topology.pp_group
         self._grad_group: dist.ProcessGroup = topology.pp_group
@@ -221,18 +257,75 @@ class ParallelModule(nn.Module):
                 _, group = self.topology.create_groups(families)
             if owner is None:
                 continue
-            params = [getattr(owner, attr) for attr in attributes]
-            for attr, p in zip(attributes, params, strict=True):
-                update_param_meta(p, tied_key=key)
-                self._canonical_names[id(p)] = f"layers.{indices[0]}.{attr}"
+            names = [f"layers.{indices[0]}.{attr}" for attr in attributes]
+            for index in indices:
+                if str(index) in self.layers:
+                    for attr, name in zip(attributes, names, strict=True):
+                        self._canonical_of[f"layers.{index}.{attr}"] = name
             src = rank_of(Coord(stages[0], coord.dp, coord.tp), sizes)
-            tied.append(_TiedGroup(key, group, src, params, owner=src == self.topology.global_rank))
+            tied.append(_TiedGroup(key, group, src, names, owner=src == self.topology.global_rank))
             if group is not None:
-                for p in params:  # start from identical copies whatever each stage's init did
-                    dist.broadcast(p.data, src=src, group=group)
+                for attr in attributes:  # start from identical copies whatever each stage's init did
+                    dist.broadcast(getattr(owner, attr).data, src=src, group=group)
         return tied
 
+    def _named_in_layer(self, index: int) -> list[tuple[str, nn.Parameter]]:
+        """Canonical ``(name, parameter)`` of one layer on this rank."""
+        named = _transparent_named_parameters(self.layers[str(index)], f"layers.{index}")
+        return [(self._canonical_of.get(name, name), p) for name, p in named]
+
+    def _build_param_table(self) -> ParamTable:
+        """Each parameter's facts, read once from the freshly built layers (before any sharding)."""
+        tied_of = {name: t for t in self._tied for name in t.names}
+        tp = self.topology.tp_size
+        records = []
+        for name, p in self.named_parameters_canonical():
+            meta = get_param_meta(p)
+            shape = list(p.shape)
+            if meta.tp_split_dim is not None:
+                shape[meta.tp_split_dim] *= tp
+            tied = tied_of.get(name)
+            records.append(
+                ParamRecord(
+                    name=name,
+                    layer=_layer_of(name),
+                    shape=tuple(shape),
+                    tp_split_dim=meta.tp_split_dim,
+                    tp_parts=1 if meta.tp_split_dim is None else tp,
+                    tied_key=tied.key if tied is not None else None,
+                    tied_owner=tied.owner if tied is not None else True,
+                    partial_grad_over_tp=meta.partial_grad_over_tp,
+                    trainable=p.requires_grad,
+                )
+            )
+        return ParamTable(records)
+
+    def _sharding_units(self) -> list[list[int]]:
+        """Layers of this rank grouped into FSDP units: one per layer, except that layers sharing a
+        parameter object (a tied embedding and head on one stage) form one unit."""
+        owner_of: dict[int, int] = {}  # object id -> first layer holding it, only while grouping
+        parent = {int(i): int(i) for i in self.layers}
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        for index in sorted(parent):
+            for p in self.layers[str(index)].parameters():
+                first = owner_of.setdefault(id(p), index)
+                parent[root(index)] = root(first)
+        units: dict[int, list[int]] = {}
+        for index in sorted(parent):
+            units.setdefault(root(index), []).append(index)
+        return list(units.values())
+
     # Running layers -------------------------------------------------------------------------------
+    def forward(self, x: Any, *, chunk: int, micro: int, step: int) -> Any:
+        """Run model chunk ``chunk`` of this rank on ``x``. Called once per chunk and micro-batch by the
+        schedule; under ZeRO stages 1-3 this is the FSDP2 root call that gathers and frees the layers."""
+        return self._run_chunk(chunk, x, micro, step)
+
     def _run_chunk(self, chunk: int, x: Any, micro: int, step: int) -> Any:
         indices = list(self.chunk_ranges[chunk])
         recompute = self.training and torch.is_grad_enabled()
@@ -303,18 +396,10 @@ class ParallelModule(nn.Module):
             self.stage,
             self.n_chunks,
         )
-        self.grad_reducer.zero(n_micro, self._uses)
+        self.grad_sync.start(n_micro)
         shares = self._shares(batches)
         losses, metrics = self._execute(schedule, batches, step, [s * loss_scale for s in shares], backward=True)
-        self.grad_reducer.finish()
-        for p in self._partial_grad_params:  # each tp rank holds only part of these gradients
-            if p.requires_grad:
-                dist.all_reduce(self.grad_reducer.main_grad(p), group=self.topology.tp_group)
-        for tied in self._tied:
-            if tied.group is not None:
-                for p in tied.params:
-                    if p.requires_grad:
-                        dist.all_reduce(self.grad_reducer.main_grad(p), group=tied.group)
+        self.grad_sync.finish()
         return self._reduce_results(losses, metrics, shares)
 
     def _shares(self, batches: Sequence[Any]) -> list[torch.Tensor | float]:
@@ -354,7 +439,8 @@ class ParallelModule(nn.Module):
         works: list[Any] = []
         losses: dict[int, torch.Tensor] = {}
         metrics: list[Mapping[str, torch.Tensor]] = []
-        for instr in schedule:
+        last_backward = {instr.chunk: i for i, instr in enumerate(schedule) if isinstance(instr, Backward)}
+        for position, instr in enumerate(schedule):
             key = (instr.micro, instr.chunk)
             virtual = instr.chunk * self.pp + self.stage
             match instr:
@@ -364,7 +450,7 @@ class ParallelModule(nn.Module):
                     first = virtual == 0
                     x = cast_floating(self.input_fn(batches[micro]), self.dtype) if first else received[key][0]
                     global_micro = self.topology.dp_rank * n_micro + micro
-                    y = self._run_chunk(chunk, x, global_micro, step)
+                    y = self(x, chunk=chunk, micro=global_micro, step=step)
                     if virtual == last_virtual:
                         loss, micro_metrics = self.loss_fn(y, batches[micro])
                         losses[micro] = loss.detach()
@@ -380,6 +466,7 @@ class ParallelModule(nn.Module):
                 case RecvGrad(micro, chunk):
                     out_grads[key] = self._recv_grads(gradient_leaves(outputs[key]), chunk)
                 case Backward(micro, chunk):
+                    self.grad_sync.before_backward(chunk, last=last_backward[chunk] == position)
                     if virtual == last_virtual:
                         outputs.pop(key).backward()
                     else:
@@ -426,38 +513,41 @@ class ParallelModule(nn.Module):
         same way on any layout. Other parameters keep their ``named_parameters`` names.
         """
         named: list[tuple[str, nn.Parameter]] = []
-        seen: set[int] = set()
-        for index, layer in self.layers.items():
-            for name, p in _transparent_named_parameters(layer, f"layers.{index}"):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    named.append((self._canonical_names.get(id(p), name), p))
+        seen: set[str] = set()
+        for index in self.layers:
+            for name, p in self._named_in_layer(int(index)):
+                if name not in seen:  # a tied weight shared by two layers of this rank appears once
+                    seen.add(name)
+                    named.append((name, p))
         return named
 
-    def is_tied_copy(self, param: nn.Parameter) -> bool:
+    def canonical_name(self, name: str) -> str:
+        """The layout-free name of a parameter known here by its module path (``layers.{i}.{key}``)."""
+        return self._canonical_of.get(name, name)
+
+    def named_parameters_by_name(self) -> dict[str, nn.Parameter]:
+        """Canonical name -> this rank's current parameter object (a sharded DTensor under ZeRO 1-3)."""
+        return dict(self.named_parameters_canonical())
+
+    def is_tied_copy(self, name: str) -> bool:
         """True for a tied weight held by a stage that is not its first holder (checkpoints skip it)."""
-        return any(not tied.owner and any(p is param for p in tied.params) for tied in self._tied)
+        record = self.param_table[name]
+        return record.tied_key is not None and not record.tied_owner
 
-    def main_grad(self, param: nn.Parameter) -> torch.Tensor:
-        """The final gradient of ``param`` after :meth:`train_step` (fp32 when reducing in fp32)."""
-        return self.grad_reducer.main_grad(param)
+    def main_grad(self, name: str) -> torch.Tensor | None:
+        """The final gradient of this rank's part of parameter ``name`` after :meth:`train_step` (fp32 when
+        reducing in fp32; this rank's shard under ZeRO stages 1-3)."""
+        return self.grad_sync.grad(name)
 
-    def parameters_counted_in_norm(self) -> list[nn.Parameter]:
+    def names_counted_in_norm(self) -> list[str]:
         """The parameters whose gradients this rank adds to a model-wide norm, so each weight counts once.
 
         Split parameters count on every tp rank (each holds a different slice); replicated ones only on tp
         rank 0; tied copies only on the first stage holding them. Summing over the model-parallel group
-        (tp x pp) then gives the norm of the full model.
+        (tp x pp) then gives the norm of the full model (and over data-parallel ranks too for shards).
         """
-        skip_tied = {id(p) for tied in self._tied if not tied.owner for p in tied.params}
-        counted = []
-        for p in self.parameters():
-            if not p.requires_grad or id(p) in skip_tied:
-                continue
-            if get_param_meta(p).is_replicated and self.topology.tp_rank != 0:
-                continue
-            counted.append(p)
-        return counted
+        tp_rank = self.topology.tp_rank
+        return [r.name for r in self.param_table.values() if r.counted_in_norm(tp_rank)]
 
     def extra_repr(self) -> str:
         ranges = ", ".join(f"chunk {c}: layers {r.start}..{r.stop - 1}" for c, r in enumerate(self.chunk_ranges))
@@ -477,6 +567,10 @@ def _transparent_named_parameters(module: nn.Module, prefix: str) -> list[tuple[
         child_prefix = prefix if child_name == transparent else f"{prefix}.{child_name}"
         named.extend(_transparent_named_parameters(child, child_prefix))
     return named
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split(".")[1])
 
 
 def _one_chunk(schedule: str) -> str:

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from scaling.core.nn.param_meta import get_param_meta
 from scaling.core.pipeline.module import ParallelModule
 
 __all__ = ["format_count", "format_duration", "parameter_counts", "progress_line", "startup_block"]
@@ -88,11 +87,11 @@ def parameter_counts(module: ParallelModule) -> tuple[int, int]:
     """
     topology = module.topology
     total = trainable = 0
-    for _, p in module.named_parameters_canonical():
-        if module.is_tied_copy(p) or (get_param_meta(p).is_replicated and topology.tp_rank != 0):
+    for record in module.param_table.values():
+        if module.is_tied_copy(record.name) or (record.is_replicated and topology.tp_rank != 0):
             continue
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        total += record.local_numel
+        trainable += record.local_numel if record.trainable else 0
     counts = torch.tensor([total, trainable], dtype=torch.int64, device=topology.device)
     if topology.tp_size * topology.pp_size > 1:
         dist.all_reduce(counts, group=topology.model_group)

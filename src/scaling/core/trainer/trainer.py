@@ -136,10 +136,11 @@ class Trainer:
         """The size of one checkpoint of this model and optimizer (collective: sums over model-parallel ranks)."""
         weights = optimizer_state = 0
         if self.context.topology.dp_rank == 0:
-            for p in self.module.parameters():
-                if not self.module.is_tied_copy(p):
-                    weights += p.numel() * p.element_size()
-                    optimizer_state += p.numel() if p.requires_grad else 0
+            weight_bytes = torch.empty((), dtype=self.module.dtype).element_size()
+            for record in self.module.param_table.values():
+                if not self.module.is_tied_copy(record.name):
+                    weights += record.local_numel * weight_bytes
+                    optimizer_state += record.local_numel if record.trainable else 0
         total = torch.tensor([weights, optimizer_state], dtype=torch.float64, device=self.context.topology.device)
         dist.all_reduce(total)
         return int(total[0]) + expected_checkpoint_bytes(int(total[1]), 0, with_optimizer=True)
@@ -252,7 +253,7 @@ class Trainer:
             "gradient accumulation": topo.config.micro_batches,
             "global batch": topo.config.global_batch,
             "precision": precision,
-            "ZeRO": "on" if self.optimizer.config.zero else "off",
+            "ZeRO stage": self.optimizer.config.zero_stage,
         }
         block = startup_block(
             total=total,
