@@ -476,9 +476,7 @@ def main() -> None:
             side, stage, dp, args.hidden, args.blocks, args.batch, args.steps, args.device, args.dtype, args.statistic
         )
 
-    from scaling.core.optimizer.config import OptimizerConfig
-
-    sides = ("scaling", "deepspeed") if "zero_stage" in OptimizerConfig.model_fields else ("deepspeed",)
+    sides = ("scaling", "deepspeed")
     groups = []
     for dp in args.dp:
         for i, stage in enumerate(args.stages):
