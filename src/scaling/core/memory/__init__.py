@@ -3,19 +3,20 @@ ZeRO stage, precision and layout) and the CPU measurement that keeps it honest."
 
 from scaling.core.memory.estimate import (
     MemoryEstimate,
-    ParamRecord,
+    ParamSize,
     estimate_memory,
     format_memory_line,
     human_bytes,
 )
-from scaling.core.memory.measure import MemoryMeasurement, measure_peak
+from scaling.core.memory.measure import MemoryMeasurement, live_tensor_bytes, measure_peak
 
 __all__ = [
     "MemoryEstimate",
     "MemoryMeasurement",
-    "ParamRecord",
+    "ParamSize",
     "estimate_memory",
     "format_memory_line",
     "human_bytes",
+    "live_tensor_bytes",
     "measure_peak",
 ]

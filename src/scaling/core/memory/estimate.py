@@ -51,17 +51,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MemoryEstimate", "ParamRecord", "estimate_memory", "format_memory_line", "human_bytes"]
+__all__ = ["MemoryEstimate", "ParamSize", "estimate_memory", "format_memory_line", "human_bytes"]
 
 _MASTER = 4  # fp32 master weights
 _ADAM = 8  # two fp32 moments
 
 
 @dataclass(frozen=True)
-class ParamRecord:
+class ParamSize:
     """One parameter as the estimate needs it: its numel on this rank before data-parallel sharding
     (tensor-parallel local), whether it trains, and its unit (layer index; give a tied embedding and head
-    the same one, since they are one FSDP unit). Tied copies must appear once."""
+    the same one, since they are one FSDP unit). Tied copies must appear once.
+
+    From the engine's parameter table: ``ParamSize(r.name, r.local_numel, r.trainable, r.layer)``.
+    """
 
     name: str
     numel: int
@@ -99,7 +102,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def estimate_memory(
-    params: Sequence[ParamRecord],
+    params: Sequence[ParamSize],
     *,
     zero_stage: int,
     dp: int,

@@ -30,9 +30,10 @@ from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn, optim
+from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed._tools.mem_tracker import MemTracker
 
-__all__ = ["MemoryMeasurement", "measure_peak"]
+__all__ = ["MemoryMeasurement", "live_tensor_bytes", "measure_peak"]
 
 T = TypeVar("T")
 
@@ -69,6 +70,17 @@ def _live_tensors() -> list[torch.Tensor]:
     with warnings.catch_warnings():  # isinstance() touches deprecated module attributes that warn
         warnings.simplefilter("ignore")
         return [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct storages of every tensor the garbage collector can reach now.
+
+    Subtracted from a later peak it gives what one model's training added, even where an earlier model
+    in the same process is kept alive (autograd hooks that close over their module form reference cycles
+    through C++ that ``gc`` cannot collect).
+    """
+    storages = {st for t in _live_tensors() for st in get_untyped_storages(t)}
+    return sum(st.nbytes() for st in storages)
 
 
 def measure_peak(
