@@ -1,8 +1,9 @@
 """Inference: checkpoints from any layout, KV-cache generation equal to full recomputation, left padding,
 sampling controls, stop conditions, streaming, scoring, embeddings, adapters, tensor-parallel ranks, CLI.
 
-A failure in the cache tests points at the cached attention path (``inference/decoder.py``); in the
-layout tests at loading (``inference/loading.py``) or at the checkpoint format itself.
+A failure in the cache tests points at the model's cache path (``model/transformer.py``, ``Attention`` with
+``CacheSlots``; ``test_inference_equals_model.py`` narrows it down) or the driver (``inference/decoder.py``);
+in the layout tests at loading (``inference/loading.py``) or at the checkpoint format itself.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Incremental decoding through the KV cache computes the plain ``Transformer``'s logits; LoRA merges once.
 
-Everything runs in this process on ``Topology.single()`` (no process group), in float32. The reference is
-always ``Transformer.forward`` on a whole, unpadded sequence (the training path: causal mask, no cache);
-the decoding side is the same forward fed a prefill and then one token at a time with ``kv_cache``. A
-failure in the first tests points at the cache path of ``model/transformer.py`` (slots, padding mask,
-the soft prompt's slots) or ``Attention.forward`` with ``CacheSlots``; in the LoRA tests at
-``finetuning/lora.py``'s merge.
+All but the tensor-parallel test run in this process on ``Topology.single()`` (no process group), in
+float32. The reference is always ``Transformer.forward`` on a whole, unpadded sequence (the training path:
+causal mask, no cache); the decoding side is the same forward fed a left-padded prefill and then one token
+at a time with ``kv_cache``. A failure in the decoding tests points at the cache path of
+``model/transformer.py`` (slots, padding mask, the soft prompt's slots) or ``Attention.forward`` with
+``CacheSlots``; in the bf16 test at ``finetuning/lora.py``'s merge.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from scaling.core.topology import Topology
+from scaling.core.testing import run_distributed
+from scaling.core.topology import Topology, TopologyConfig
 from scaling.transformer.convert.to_hf import _merge_lora
 from scaling.transformer.finetuning.apply import finetuning_adapter
 from scaling.transformer.finetuning.config import FinetuningConfig
@@ -38,9 +39,9 @@ FINETUNING = {"lora": {"rank": 4, "alpha": 8.0, "targets": ["query", "key_value"
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}  # float32; the cache path reorders no sums, SDPA's blocks may
 
 
-def _plain(seed: int = 5) -> Transformer:
+def _plain(seed: int = 5, topology: Topology | None = None) -> Transformer:
     """A model whose matrices have more spread than the init, so its logits tell tokens apart."""
-    model = Transformer(TransformerArchitectureConfig.from_dict(ARCH), seed=seed).eval()
+    model = Transformer(TransformerArchitectureConfig.from_dict(ARCH), topology, seed=seed).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -104,6 +105,23 @@ def test_left_padded_batch_decodes_each_row_as_if_alone() -> None:
     decoded = _decoded(model, PROMPTS, CONTINUATIONS)
     for row, (prompt, continuation) in enumerate(zip(PROMPTS, CONTINUATIONS, strict=True)):
         torch.testing.assert_close(decoded[row], _full(model, prompt + continuation), **TOLERANCE, msg=f"row {row}")
+
+
+def _on_tensor_parallel_ranks() -> dict[str, Any]:
+    model = _plain(topology=Topology(TopologyConfig(model_parallel_size=2)))
+    full = [_full(model, p + c) for p, c in zip(PROMPTS, CONTINUATIONS, strict=True)]  # this rank's vocab slice
+    return {"decoded": _decoded(model, PROMPTS, CONTINUATIONS), "full": full, "rank": model.topology.tp_rank}
+
+
+@pytest.mark.timeout(120)
+def test_tensor_parallel_ranks_decode_like_the_full_forward_and_like_one_process() -> None:
+    ranks = run_distributed(_on_tensor_parallel_ranks, 2, timeout_s=100)
+    alone = _plain()
+    for row, (prompt, continuation) in enumerate(zip(PROMPTS, CONTINUATIONS, strict=True)):
+        for result in ranks:
+            torch.testing.assert_close(result["decoded"][row], result["full"][row], **TOLERANCE)
+        shards = [r["decoded"][row] for r in sorted(ranks, key=lambda r: r["rank"])]  # vocab split over ranks
+        torch.testing.assert_close(torch.cat(shards, dim=-1), _full(alone, prompt + continuation), **TOLERANCE)
 
 
 def test_last_only_and_hidden_states_are_the_forward_s_last_row_and_final_norm() -> None:
