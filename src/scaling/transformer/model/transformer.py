@@ -13,7 +13,8 @@ padding) and optionally ``kv_cache`` + ``cache_start`` decodes incrementally: ea
 its keys and values into the cache and attends to every slot so far. A soft prompt, when the first layer
 prepends one, fills the first cache slots in the call with ``cache_start`` 0; later calls drop it from
 their activations, since the cache already holds it. Callers never see it: ``positions``, ``valid`` and
-``cache_start`` count tokens only.
+``cache_start`` count tokens only. The inference mask is causal and padding-aware; ``document_ids`` play
+no part in it (one sequence per row).
 """
 
 from __future__ import annotations
