@@ -11,6 +11,7 @@ something alive longer.
 
 from __future__ import annotations
 
+from dataclasses import astuple
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from scaling.core.memory import (
     human_bytes,
     live_tensor_bytes,
     measure_peak,
+    param_sizes,
 )
 from scaling.core.testing import run_distributed
 
@@ -91,6 +93,28 @@ def test_sharded_stages_divide_states_by_dp_and_order_as_zero_promises() -> None
     assert s1.peak - s2.peak == 4 * n - 4 * n // 4
     one = estimate_memory(sizes, zero_stage=1, dp=4, gradient_accumulation_steps=1)
     assert one.peak == estimate_memory(sizes, zero_stage=2, dp=4, gradient_accumulation_steps=1).peak
+
+
+def test_reshard_after_forward_overrides_the_stage_default() -> None:
+    sizes = _mlp_sizes(1024, 32)
+    for m in (1, 4):
+        kw: dict[str, Any] = {"dp": 4, "gradient_accumulation_steps": m}
+        stage2 = estimate_memory(sizes, zero_stage=2, **kw)
+        stage3 = estimate_memory(sizes, zero_stage=3, **kw)
+        assert estimate_memory(sizes, zero_stage=2, reshard_after_forward=True, **kw).peak == stage3.peak
+        assert estimate_memory(sizes, zero_stage=3, reshard_after_forward=False, **kw).peak == stage2.peak
+        assert estimate_memory(sizes, zero_stage=2, reshard_after_forward=False, **kw) == stage2
+
+
+def test_param_sizes_reads_tensor_parallel_local_sizes_from_the_table() -> None:
+    from scaling.core.nn.param_table import ParamRecord
+
+    common = {"layer": 0, "tied_key": None, "tied_owner": False, "partial_grad_over_tp": False}
+    records = [
+        ParamRecord(name="0.weight", shape=(64, 32), tp_split_dim=0, tp_parts=2, trainable=True, **common),
+        ParamRecord(name="0.bias", shape=(32,), tp_split_dim=None, tp_parts=1, trainable=False, **common),
+    ]
+    assert param_sizes(records) == [ParamSize("0.weight", 1024, True, 0), ParamSize("0.bias", 32, False, 0)]
 
 
 def test_frozen_parameters_have_no_gradients_or_optimizer_state() -> None:
@@ -167,7 +191,7 @@ def _loss(out: torch.Tensor, batch: Any) -> tuple[torch.Tensor, dict[str, torch.
     return out.float().square().mean(), {}
 
 
-def _engine(stage: int, dp: int, dtype: torch.dtype, micro_batches: int) -> tuple[int, int]:
+def _engine(stage: int, dp: int, dtype: torch.dtype, micro_batches: int) -> tuple[int, list[tuple[Any, ...]]]:
     """Two steps of the engine at ZeRO ``stage``: ``ParallelModule`` over a deep MLP + ``Optimizer``."""
     from scaling.core.nn.precision import Precision, PrecisionConfig
     from scaling.core.optimizer.config import OptimizerConfig
@@ -191,21 +215,22 @@ def _engine(stage: int, dp: int, dtype: torch.dtype, micro_batches: int) -> tupl
             module.train_step(batches, step=step)
             optimizer.step(step)
 
-    n = sum(size.local_numel for size in module.param_table.values())
-    return measure_peak(train, module, optimizer.adam).peak_bytes, n
+    sizes = [astuple(size) for size in param_sizes(module.param_table.values())]  # what the start-up line reads
+    return measure_peak(train, module, optimizer.adam).peak_bytes, sizes
 
 
-def _measure_stages(cases: list[tuple[str, int]]) -> dict[tuple[str, int, int], tuple[int, int]]:
+def _measure_stages(cases: list[tuple[str, int]]) -> dict[tuple[str, int, int], tuple[int, list[tuple[Any, ...]]]]:
     """Per (dtype, micro-batches) case and stage: the peak bytes its training adds to what is alive before
-    its model is built, and the model's parameter count. The engine's gradient hooks form reference
-    cycles through C++ that outlive a model, so earlier models' tensors are still there when the next one
-    is measured; one world runs every case because starting one costs more than the cases themselves."""
+    its model is built, and the estimate's input read from the model's parameter table. The engine's
+    gradient hooks form reference cycles through C++ that outlive a model, so earlier models' tensors are
+    still there when the next one is measured; one world runs every case because starting one costs more
+    than the cases themselves."""
     out = {}
     for dtype_name, micro_batches in cases:
         for stage in range(4):
             floor = live_tensor_bytes()
-            peak, n = _engine(stage, dist.get_world_size(), getattr(torch, dtype_name), micro_batches)
-            out[(dtype_name, micro_batches, stage)] = (peak - floor, n)
+            peak, sizes = _engine(stage, dist.get_world_size(), getattr(torch, dtype_name), micro_batches)
+            out[(dtype_name, micro_batches, stage)] = (peak - floor, sizes)
             dist.barrier()
     return out
 
@@ -217,20 +242,21 @@ CASES = {2: [("float32", 2), ("bfloat16", 1)], 4: [("float32", 2)]}
 @pytest.mark.parametrize("dp", sorted(CASES))
 def test_measured_peak_matches_the_estimate_per_stage(dp: int) -> None:
     measured = run_distributed(_measure_stages, dp, CASES[dp], timeout_s=130)
-    sizes = _mlp_sizes()
     report = []
     for dtype_name, micro_batches in CASES[dp]:
         for stage in range(4):
-            estimate = estimate_memory(
-                sizes,
-                zero_stage=stage,
-                dp=dp,
-                compute_dtype=getattr(torch, dtype_name),
-                gradient_accumulation_steps=micro_batches,
-            )
             for rank, per_rank in enumerate(measured):
-                peak, n = per_rank[(dtype_name, micro_batches, stage)]
-                assert n == estimate.n_params
-                report.append((dtype_name, micro_batches, stage, rank, round(peak / n, 3), round(_bpp(estimate), 3)))
+                peak, table = per_rank[(dtype_name, micro_batches, stage)]
+                sizes = [ParamSize(*row) for row in table]
+                assert sorted((s.numel, s.layer) for s in sizes) == sorted((s.numel, s.layer) for s in _mlp_sizes())
+                estimate = estimate_memory(
+                    sizes,
+                    zero_stage=stage,
+                    dp=dp,
+                    compute_dtype=getattr(torch, dtype_name),
+                    gradient_accumulation_steps=micro_batches,
+                )
+                bpp = peak / estimate.n_params
+                report.append((dtype_name, micro_batches, stage, rank, round(bpp, 3), round(_bpp(estimate), 3)))
     off = [r for r in report if abs(r[4] - r[5]) > TOLERANCE * r[5]]
     assert not off, "bytes/parameter (dtype, micro-batches, stage, rank, measured, estimate): " + repr(report)

@@ -7,6 +7,7 @@ from scaling.core.memory.estimate import (
     estimate_memory,
     format_memory_line,
     human_bytes,
+    param_sizes,
 )
 from scaling.core.memory.measure import MemoryMeasurement, live_tensor_bytes, measure_peak
 
@@ -19,4 +20,5 @@ __all__ = [
     "human_bytes",
     "live_tensor_bytes",
     "measure_peak",
+    "param_sizes",
 ]

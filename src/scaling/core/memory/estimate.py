@@ -40,18 +40,29 @@ whose activations are small next to its weights. With ``offload`` the sharded pa
 and optimizer state live in host memory; ``peak`` is then the device's and ``host`` holds the rest
 (an estimate: CPU-only tests cannot tell devices apart).
 
+``reshard_after_forward`` swaps the two ways of holding weights (all gathered from forward to backward,
+or two units at a time) for the stage's default.
+
 Counts ignore FSDP2's padding of each shard's first dimension to a multiple of ``d`` (at most ``d - 1``
 rows per parameter).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-__all__ = ["MemoryEstimate", "ParamSize", "estimate_memory", "format_memory_line", "human_bytes"]
+__all__ = [
+    "MemoryEstimate",
+    "ParamSize",
+    "estimate_memory",
+    "format_memory_line",
+    "human_bytes",
+    "param_sizes",
+]
 
 _MASTER = 4  # fp32 master weights
 _ADAM = 8  # two fp32 moments
@@ -63,13 +74,34 @@ class ParamSize:
     (tensor-parallel local), whether it trains, and its unit (layer index; give a tied embedding and head
     the same one, since they are one FSDP unit). Tied copies must appear once.
 
-    From the engine's parameter table: ``ParamSize(r.name, r.local_numel, r.trainable, r.layer)``.
+    From the engine's parameter table: :func:`param_sizes`.
     """
 
     name: str
     numel: int
     trainable: bool = True
     layer: int = 0
+
+
+class TableRecord(Protocol):
+    """What :func:`param_sizes` reads of a parameter-table record (``scaling.core.nn.ParamRecord``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def local_numel(self) -> int: ...
+    @property
+    def trainable(self) -> bool: ...
+    @property
+    def layer(self) -> int: ...
+
+
+def param_sizes(records: Iterable[TableRecord]) -> list[ParamSize]:
+    """The estimate's input from the engine's parameter table: ``param_sizes(module.param_table.values())``.
+
+    The table holds this rank's parameters once each (a tied embedding and head under the embedding's
+    name and layer), with their tensor-parallel local sizes, which is exactly what the estimate counts."""
+    return [ParamSize(r.name, r.local_numel, r.trainable, r.layer) for r in records]
 
 
 @dataclass(frozen=True)
@@ -110,13 +142,16 @@ def estimate_memory(
     reduce_dtype: torch.dtype | None = torch.float32,
     gradient_accumulation_steps: int = 1,
     offload: bool = False,
+    reshard_after_forward: bool | None = None,
     activation_bytes: int = 0,
 ) -> MemoryEstimate:
     """Per-rank memory of one training step (see the module docstring for each term).
 
     ``compute_dtype``: the training precision (``PrecisionConfig.precision.dtype``); stage 0 stores the
     weights in it, stages 1-3 store fp32 shards and unshard in it. ``reduce_dtype``: the dtype gradients
-    are reduced in (``None``: the compute dtype).
+    are reduced in (``None``: the compute dtype). ``reshard_after_forward``: whether stages 1-3 free a
+    unit's gathered weights after its forward (``None``: the stage's default, stage 3 only; the other
+    combinations follow from the same terms but are not measured by the tests).
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
@@ -145,21 +180,21 @@ def estimate_memory(
     optimizer = _ADAM * t // dp
     sharded_grads = _MASTER * t // dp
     reduce_work = c * u + r * u + r * u // dp  # one unit's unsharded gradient, reduce-scatter input and output
-    if zero_stage in (1, 2):
-        # Gradients kept from earlier micro-batches: unsharded under stage 1, sharded under stage 2.
-        held = 0 if m == 1 else (r * t if zero_stage == 1 else sharded_grads)
-        # At the start of backward every unit is unsharded; as backward proceeds unsharded weights are
-        # freed while sharded gradients appear, so with m == 1 the larger of the two ends counts.
-        swap = c * n if m > 1 else max(c * n, sharded_grads)
-        backward = parameters + optimizer + held + swap + reduce_work
-        gradients = sharded_grads + (r * t if zero_stage == 1 and m > 1 else 0)
-        resident_device = swap + held + reduce_work  # what stays on the device with offload
+    # Gradients kept from earlier micro-batches: unsharded under stage 1, sharded under stages 2 and 3.
+    accumulated = r * t if zero_stage == 1 and m > 1 else 0
+    held = 0 if m == 1 else (accumulated or sharded_grads)
+    reshard = zero_stage == 3 if reshard_after_forward is None else reshard_after_forward
+    if reshard:
+        gathered = 2 * c * u  # the unit in backward and the prefetched one
+        if m == 1:  # the gradients of all but the two units in flight are reduced already
+            held = _MASTER * (t - min(2 * u, t)) // dp
     else:
-        in_flight = 0 if m > 1 else min(2 * u, t)  # gradients of the two units being worked on
-        grads_at_peak = _MASTER * (t - in_flight) // dp
-        backward = parameters + optimizer + grads_at_peak + 2 * c * u + reduce_work
-        gradients = sharded_grads
-        resident_device = 2 * c * u + reduce_work
+        # Every unit is gathered at the start of backward; as backward proceeds gathered weights are freed
+        # while sharded gradients appear, so with one micro-batch the larger of the two ends counts.
+        gathered = c * n if m > 1 else max(c * n, sharded_grads)
+    backward = parameters + optimizer + held + gathered + reduce_work
+    gradients = sharded_grads + accumulated
+    resident_device = gathered + reduce_work + accumulated  # what stays on the device with offload
     step = parameters + optimizer + sharded_grads
     peak = max(backward, step)
     if offload:
