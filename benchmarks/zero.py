@@ -110,7 +110,8 @@ class Block(nn.Module):
         self.down = RowParallelLinear(4 * hidden, hidden, topology, seed=seed + 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x)))
+        out: torch.Tensor = x + self.down(torch.relu(self.up(x)))
+        return out
 
 
 def layer_specs(case: Case, topology: Topology) -> list[LayerSpec]:
@@ -194,8 +195,8 @@ def _engine_step(case: Case, topology: Topology, batch: torch.Tensor, zero: dict
 
 
 def _deepspeed_step(case: Case, topology: Topology, batch: torch.Tensor) -> StepFn:
-    import deepspeed  # type: ignore[import-not-found]
-    from deepspeed.utils import logger as ds_logger  # type: ignore[import-not-found]
+    import deepspeed  # type: ignore[import-untyped, import-not-found, unused-ignore]
+    from deepspeed.utils import logger as ds_logger  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
     ds_logger.setLevel("WARNING")
     # DeepSpeed calls collectives that torch has deprecated; one warning per call and rank is noise here.
@@ -279,12 +280,14 @@ def _timing_rank(cases: list[Case]) -> list[float]:
     warm_up = _TRACKED_STEPS + 1  # state allocated, first-use costs paid
     times: list[list[float]] = [[] for _ in cases]
     for index in range(warm_up + cases[0].steps):
-        for step, record in zip(steps, times, strict=True):
+        # Each round starts with the next contender, so none always runs after the same other one (whose
+        # memory traffic leaves the caches cold for it); the order is the same on every rank.
+        for i in (index + k for k in range(len(cases))):
             begin = time.perf_counter()
-            step(index)
+            steps[i % len(cases)](index)
             sync()
             if index >= warm_up:
-                record.append(time.perf_counter() - begin)
+                times[i % len(cases)].append(time.perf_counter() - begin)
     statistic = min if cases[0].statistic == "min" else statistics.median
     return [statistic(record) for record in times]
 
@@ -317,7 +320,7 @@ def measure_memory(case: Case) -> float | None:
     peaks = _run(_memory_rank, case.dp, case, case.device, f"{_describe(case)} (memory)")
     if peaks is None:
         return None
-    value = max(peaks) / parameter_count(case.hidden, case.blocks)
+    value = float(max(peaks)) / parameter_count(case.hidden, case.blocks)
     print(f"{_describe(case)}: {value:.2f} bytes/parameter", file=sys.stderr, flush=True)
     return value
 
