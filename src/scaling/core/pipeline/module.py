@@ -513,11 +513,15 @@ class ParallelModule(nn.Module):
         same way on any layout. Other parameters keep their ``named_parameters`` names.
         """
         named: list[tuple[str, nn.Parameter]] = []
-        seen: set[str] = set()
+        seen_names: set[str] = set()
+        seen_objects: set[int] = set()  # within this walk only: one tensor under two attribute paths
         for index in self.layers:
             for name, p in self._named_in_layer(int(index)):
-                if name not in seen:  # a tied weight shared by two layers of this rank appears once
-                    seen.add(name)
+                # A tied weight shared by two layers of this rank, or held by one layer under two
+                # attributes (the embedding's ``weight`` alias), appears once, under its first name.
+                if name not in seen_names and id(p) not in seen_objects:
+                    seen_names.add(name)
+                    seen_objects.add(id(p))
                     named.append((name, p))
         return named
 
