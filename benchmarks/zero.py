@@ -457,7 +457,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dp", type=int, nargs="+", default=[2, 4], help="data-parallel sizes")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per contender")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per contender")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--statistic", choices=["min", "median"], default="min", help="of the timed steps")
@@ -472,6 +472,12 @@ def main() -> None:
         return
     if importlib.util.find_spec("deepspeed") is None:
         print("benchmarks/zero.py compares against DeepSpeed, which is not installed: pip install -e .[benchmark]")
+        raise SystemExit(2)
+
+    if args.device == "cuda" and max(args.dp) > torch.cuda.device_count():
+        print(
+            f"--dp {max(args.dp)} needs as many GPUs (one NCCL rank each); this machine has {torch.cuda.device_count()}"
+        )
         raise SystemExit(2)
 
     def case(side: str, stage: int, dp: int) -> Case:
