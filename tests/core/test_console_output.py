@@ -87,6 +87,12 @@ def test_scaling_train_prints_one_progress_line_per_log_interval_from_one_of_two
         "ZeRO off" in output  # fmt: skip
     assert f"logs: {tmp_path / 'logs'} (metrics.jsonl)" in output
     assert "checkpoints: not saved (trainer.save_dir is unset)" in output
+    # The expected memory of rank 0, from the parameter table (its stage holds about half the parameters).
+    memory = re.search(
+        r"memory per rank \(ZeRO-0, dp 1, float32\): parameters .* expected peak .* of ([\d.]+)k\)", output
+    )
+    assert memory is not None, output[:2000]
+    assert 2.0 < float(memory[1]) < 6.736
 
 
 def _counts_with(layout: dict[str, Any], lora: bool) -> dict[str, Any]:

@@ -108,8 +108,10 @@ def startup_block(
     save_interval: int | None,
     start_step: int,
     train_iterations: int,
+    memory: str | None = None,
 ) -> str:
-    """The lines a run starts with: model size, layout, where logs and checkpoints go, and how far to train."""
+    """The lines a run starts with: model size, layout, the expected memory per rank, where logs and
+    checkpoints go, and how far to train."""
     if trainable == total:
         size = f"model: {format_count(total)} parameters ({total:,}), all trainable"
     else:
@@ -129,6 +131,7 @@ def startup_block(
         [
             size,
             f"layout: {shape}",
+            *([memory] if memory else []),
             f"logs: {logs}",
             f"checkpoints: {saving}",
             f"training {start}to step {train_iterations}",

@@ -33,8 +33,10 @@ from scaling.core.checkpoint.resume import continues_to, resume_source
 from scaling.core.config import ConfigError
 from scaling.core.data.loader import DistributedDataLoader
 from scaling.core.logging import MetricsLogger, get_logger
+from scaling.core.memory import estimate_memory, format_memory_line, param_sizes
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
+from scaling.core.sharding.policy import Offload
 from scaling.core.topology.rng import RngTracker
 from scaling.core.trainer.config import TrainerConfig
 from scaling.core.trainer.console import parameter_counts, progress_line, startup_block
@@ -253,7 +255,7 @@ class Trainer:
             "gradient accumulation": topo.config.micro_batches,
             "global batch": topo.config.global_batch,
             "precision": precision,
-            "ZeRO stage": self.optimizer.config.zero_stage,
+            "ZeRO": "off" if self.optimizer.config.zero_stage == 0 else f"stage {self.optimizer.config.zero_stage}",
         }
         block = startup_block(
             total=total,
@@ -264,8 +266,26 @@ class Trainer:
             save_interval=self.config.save_interval,
             start_step=self.context.step,
             train_iterations=self.config.train_iterations,
+            memory=self._memory_line(),
         )
         _logger.info("%s", block)
+
+    def _memory_line(self) -> str:
+        """This rank's expected bytes for parameters, gradients, optimizer state and the peak, from the
+        parameter table, the ZeRO stage, the precision and the layout (a pure function; nothing measured)."""
+        module, config = self.module, self.optimizer.config
+        reduce_fp32 = getattr(getattr(self.context.config, "precision", None), "reduce_grads_in_fp32", True)
+        estimate = estimate_memory(
+            param_sizes(module.param_table.values()),
+            zero_stage=config.zero_stage,
+            dp=self.context.topology.dp_size,
+            compute_dtype=module.dtype,
+            reduce_dtype=torch.float32 if reduce_fp32 else None,
+            gradient_accumulation_steps=self.context.topology.config.micro_batches,
+            offload=config.offload != Offload.NONE,
+            reshard_after_forward=module.sharding.reshard if config.zero_stage else None,
+        )
+        return format_memory_line(estimate)
 
     def run(self) -> TrainingContext:
         """Train to ``train_iterations``; returns the context. Raises :class:`TrainingDiverged` (on every rank
