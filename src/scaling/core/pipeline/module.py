@@ -58,6 +58,7 @@ from scaling.core.pipeline.schedule import (
 )
 from scaling.core.sharding.fully_sharded import shard_stage
 from scaling.core.sharding.policy import ShardingPolicy
+from scaling.core.sharding.tensors import assign_full, local_part
 from scaling.core.topology.config import ActivationCheckpointingType
 from scaling.core.topology.rank_math import Coord, pipe_parallel_groups, rank_of
 from scaling.core.topology.rng import RngTracker
@@ -111,6 +112,10 @@ class ParallelModule(nn.Module):
             micro-batch counts the same.
         sharding: the ZeRO stage (default 0). Stages 1-3 keep fp32 parameters as sharded masters (FSDP2
             over the data-parallel group, one unit per layer) and compute in ``precision``.
+        meta_init: with ZeRO 1-3, build the layers on the ``meta`` device, shard them, and only then
+            materialise this rank's shards layer by layer from the layers' own seeded initialisation: no
+            rank ever holds more than one layer beyond its shards, and the weights are those of any other
+            layout, bit for bit.
     """
 
     def __init__(
@@ -126,12 +131,16 @@ class ParallelModule(nn.Module):
         adapt: Callable[[nn.Module, int], nn.Module] | None = None,
         weight_fn: Callable[[Any], torch.Tensor] | None = None,
         sharding: ShardingPolicy | None = None,
+        meta_init: bool = False,
     ) -> None:
         super().__init__()
         config = topology.config
         precision = precision or PrecisionConfig()
         self.dtype = precision.precision.dtype
         self.sharding = sharding or ShardingPolicy()
+        if meta_init and not self.sharding.sharded:
+            raise ValueError("meta_init needs ZeRO stage 1, 2 or 3 (stage 0 holds every weight whole anyway)")
+        self._adapt = adapt
         self.topology = topology
         self.loss_fn = loss_fn
         self.input_fn = input_fn
@@ -153,13 +162,7 @@ class ParallelModule(nn.Module):
         self.layers = nn.ModuleDict()
         for layer_range in self.chunk_ranges:
             for index in layer_range:
-                layer = self.specs[index].build()
-                if adapt is not None:
-                    layer = adapt(layer, index)
-                # Sharded stages keep fp32 parameters: they are the optimizer's masters (FSDP2 casts to
-                # the compute dtype when it gathers them).
-                dtype = torch.float32 if self.sharding.sharded else self.dtype
-                self.layers[str(index)] = layer.to(device=topology.device, dtype=dtype)
+                self.layers[str(index)] = self._build_layer(index, meta=meta_init)
         self._canonical_of: dict[str, str] = {}  # native name -> canonical name, for tied copies
         self._tied = self._tie_weights()
         self.param_table = self._build_param_table()
@@ -188,6 +191,8 @@ class ParallelModule(nn.Module):
                 compute_dtype=self.dtype,
                 reduce_dtype=reduce_dtype,
             )
+            if meta_init:
+                self._materialise()
             chunk_units = {
                 chunk: [self.layers[str(i)] for i in layer_range] for chunk, layer_range in enumerate(self.chunk_ranges)
             }
@@ -214,6 +219,47 @@ class ParallelModule(nn.Module):
         self._headers = HeaderCache()
 
     # Construction ---------------------------------------------------------------------------------
+    def _build_layer(self, index: int, *, meta: bool = False) -> nn.Module:
+        """Layer ``index`` as its spec builds it (adapted for finetuning), in the dtype it is kept in.
+        Sharded stages keep fp32 parameters: they are the optimizer's masters (FSDP2 casts them to the
+        compute dtype when it gathers them). ``meta``: on the meta device, or for real (one layer) when
+        its constructor cannot run there."""
+        dtype = torch.float32 if self.sharding.sharded else self.dtype
+
+        def build() -> nn.Module:
+            layer = self.specs[index].build()
+            return self._adapt(layer, index) if self._adapt is not None else layer
+
+        if meta:
+            try:
+                with torch.device("meta"):
+                    return build().to(dtype=dtype)
+            except (RuntimeError, NotImplementedError):
+                pass
+        return build().to(device=self.topology.device, dtype=dtype)
+
+    def _materialise(self) -> None:
+        """Allocate the meta-built shards and fill them, one layer at a time, from a real build of that
+        layer (the same seeded recipe as any other layout); then make tied copies equal their owner's."""
+        self.to_empty(device=self.topology.device)
+        params = self.named_parameters_by_name()
+        for index in self.layers:
+            built = self._build_layer(int(index))
+            for name, value in _transparent_named_parameters(built, f"layers.{index}"):
+                target = params.get(self.canonical_name(name))
+                if target is not None:
+                    assign_full(target, value.detach())
+            own_buffers = dict(self.layers[index].named_buffers())
+            with torch.no_grad():
+                for name, buffer in built.named_buffers():
+                    own_buffers[name].copy_(buffer)
+            del built
+        for tied in self._tied:
+            if tied.group is not None:
+                for name in tied.names:
+                    if name in params:
+                        dist.broadcast(local_part(params[name]).data, src=tied.src, group=tied.group)
+
     def _stages_of(self, index: int) -> int:
         virtual = next(v for v, r in enumerate(self.virtual_ranges) if index in r)
         return virtual % self.pp
@@ -266,7 +312,9 @@ class ParallelModule(nn.Module):
             tied.append(_TiedGroup(key, group, src, names, owner=src == self.topology.global_rank))
             if group is not None:
                 for attr in attributes:  # start from identical copies whatever each stage's init did
-                    dist.broadcast(getattr(owner, attr).data, src=src, group=group)
+                    data = getattr(owner, attr).data
+                    if not data.is_meta:  # meta-built layers get their copies after materialising
+                        dist.broadcast(data, src=src, group=group)
         return tied
 
     def _named_in_layer(self, index: int) -> list[tuple[str, nn.Parameter]]:
