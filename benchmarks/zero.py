@@ -352,10 +352,13 @@ def run_cases(groups: list[list[Case]]) -> Results:
 def run_legacy(cases: list[Case]) -> Results:
     """ZeRO-1 of commit bfde224, per dp: this script in a subprocess whose ``scaling`` is that commit's,
     from a git worktree that is removed again when the run ends (or fails)."""
+    failed: Results = {("legacy", c.stage, c.dp): {"bytes_per_param": None, "step_ms": None} for c in cases}
     worktree = tempfile.mkdtemp(prefix="zero-old-")
     os.rmdir(worktree)  # git creates it
-    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", worktree, LEGACY_COMMIT], check=True)
-    failed: Results = {("legacy", c.stage, c.dp): {"bytes_per_param": None, "step_ms": None} for c in cases}
+    add = ["git", "-C", REPO, "worktree", "add", "--detach", "-q", worktree, LEGACY_COMMIT]
+    if subprocess.run(add, capture_output=True, text=True).returncode != 0:
+        print(f"pre-redesign ZeRO-1 skipped: cannot check out {LEGACY_COMMIT} (not a full clone?)", file=sys.stderr)
+        return failed
     try:
         env = {**os.environ, "PYTHONPATH": os.path.join(worktree, "src")}
         payload = json.dumps([asdict(c) for c in cases])
@@ -364,6 +367,9 @@ def run_legacy(cases: list[Case]) -> Results:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
         try:
             stdout, _ = process.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            print("pre-redesign ZeRO-1 failed: no result after 30 minutes", file=sys.stderr)
+            return failed
         finally:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
