@@ -23,12 +23,14 @@ if TYPE_CHECKING:
         RowParallelLinear,
         VocabParallelEmbedding,
     )
+    from scaling.core.nn.param_table import ParamTable
     from scaling.core.optimizer.config import OptimizerConfig
     from scaling.core.optimizer.optimizer import Optimizer
     from scaling.core.pipeline.layer_spec import LayerSpec, TiedLayerSpec
     from scaling.core.pipeline.module import ParallelModule
     from scaling.core.topology import Topology, TopologyConfig
     from scaling.core.trainer import Trainer, TrainerConfig, TrainingContext, TrainingDiverged
+    from scaling.core.zero import ShardingPolicy
 
 # public name -> the module that defines it
 _HOME = {
@@ -47,6 +49,8 @@ _HOME = {
     "ParallelModule": "scaling.core.pipeline.module",
     "Optimizer": "scaling.core.optimizer.optimizer",
     "OptimizerConfig": "scaling.core.optimizer.config",
+    "ShardingPolicy": "scaling.core.zero",
+    "ParamTable": "scaling.core.nn.param_table",
     "DataFileError": "scaling.core.data",
     "DistributedDataLoader": "scaling.core.data",
     "MemoryMapDataset": "scaling.core.data",
@@ -73,8 +77,10 @@ __all__ = [
     "OptimizerConfig",
     "ParallelModule",
     "ParamMeta",
+    "ParamTable",
     "RMSNorm",
     "RowParallelLinear",
+    "ShardingPolicy",
     "TiedLayerSpec",
     "Topology",
     "TopologyConfig",

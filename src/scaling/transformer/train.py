@@ -134,6 +134,9 @@ def build_module(config: TransformerConfig, topology: Topology, rng: RngTracker 
         adapt=adapt,
         weight_fn=loss_tokens,
         sharding=config.optimizer.sharding,
+        # Sharded stages build on the meta device and materialise layer by layer: the same weights, and
+        # no rank ever holds the whole model.
+        meta_init=config.optimizer.zero_stage > 0,
     )
 
 

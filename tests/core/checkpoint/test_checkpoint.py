@@ -17,9 +17,9 @@ from scaling.core.nn import unshard
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
-from scaling.core.sharding import gathered
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
+from scaling.core.zero import gathered
 
 from ..pipeline.tp_models import Loss, batches, model_specs
 

@@ -19,9 +19,9 @@ from scaling.core.optimizer.lr_schedule import learning_rate_at
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.optimizer.param_groups import assign_groups
 from scaling.core.pipeline.module import ParallelModule
-from scaling.core.sharding import gathered
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
+from scaling.core.zero import gathered
 
 from ..pipeline.tp_models import Loss, batches, model_specs
 

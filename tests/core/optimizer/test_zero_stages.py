@@ -20,9 +20,9 @@ from scaling.core.nn.precision import PrecisionConfig
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
-from scaling.core.sharding import gathered, is_sharded
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
+from scaling.core.zero import gathered, is_sharded
 
 from ..pipeline.tp_models import Loss, model_specs
 from .test_optimizer_equivalence import N_BLOCKS, N_MICRO, OPTIMIZER, TOL, _full_weights, _reference, _step_batches

@@ -8,9 +8,9 @@ from torch import nn
 
 from scaling.core.pipeline.checkpointing import checkpointed
 from scaling.core.pipeline.grad_reduce import GradReducer
-from scaling.core.pipeline.grad_sync import BucketedAllReduce, ModelParallelSums
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Coord, RngTracker
+from scaling.core.zero.grad_sync import BucketedAllReduce, ModelParallelSums
 
 
 def _reduce_in_buckets() -> dict[str, object]:

@@ -45,7 +45,7 @@ from scaling.core.logging import get_logger
 from scaling.core.nn.param_meta import shard
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
-from scaling.core.sharding.tensors import assign_full, gathered
+from scaling.core.zero.tensors import assign_full, gathered
 
 __all__ = ["CheckpointInfo", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
 

@@ -10,7 +10,7 @@ from scaling.core.config import BaseConfig, InvalidCombination
 from scaling.core.logging import get_logger
 from scaling.core.optimizer.loss_scaler import LossScalerConfig
 from scaling.core.optimizer.lr_schedule import LearningRateScheduleConfig
-from scaling.core.sharding.policy import Offload, ReshardAfterForward, ShardingPolicy
+from scaling.core.zero.policy import Offload, ReshardAfterForward, ShardingPolicy
 
 __all__ = ["OptimizerConfig", "TrainingGroupConfig"]
 

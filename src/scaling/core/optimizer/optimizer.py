@@ -41,7 +41,7 @@ from scaling.core.optimizer.loss_scaler import DynamicLossScaler
 from scaling.core.optimizer.lr_schedule import learning_rate_at
 from scaling.core.optimizer.param_groups import ParamSlot, assign_groups, check_patterns, pattern_match_counts
 from scaling.core.pipeline.module import ParallelModule
-from scaling.core.sharding.tensors import assign_full, gathered, local_part
+from scaling.core.zero.tensors import assign_full, gathered, local_part
 
 __all__ = ["Optimizer", "OptimizerStepResult"]
 

@@ -34,7 +34,6 @@ from scaling.core.nn.param_table import ParamRecord, ParamTable
 from scaling.core.nn.precision import PrecisionConfig, cast_floating
 from scaling.core.pipeline.checkpointing import checkpointed
 from scaling.core.pipeline.grad_reduce import GradReducer
-from scaling.core.pipeline.grad_sync import BucketedAllReduce, FullyShardedGrads, GradSync, ModelParallelSums
 from scaling.core.pipeline.layer_spec import LayerSpec, TiedLayerSpec
 from scaling.core.pipeline.p2p import (
     HeaderCache,
@@ -56,13 +55,14 @@ from scaling.core.pipeline.schedule import (
     build_schedule,
     forward_only,
 )
-from scaling.core.sharding.fully_sharded import shard_stage
-from scaling.core.sharding.policy import ShardingPolicy
-from scaling.core.sharding.tensors import assign_full, local_part
 from scaling.core.topology.config import ActivationCheckpointingType
 from scaling.core.topology.rank_math import Coord, pipe_parallel_groups, rank_of
 from scaling.core.topology.rng import RngTracker
 from scaling.core.topology.topology import Topology
+from scaling.core.zero.fully_sharded import shard_stage
+from scaling.core.zero.grad_sync import BucketedAllReduce, FullyShardedGrads, GradSync, ModelParallelSums
+from scaling.core.zero.policy import ShardingPolicy
+from scaling.core.zero.tensors import assign_full, local_part
 
 __all__ = ["LossFn", "ParallelModule", "StepResult"]
 

@@ -36,13 +36,13 @@ from scaling.core.logging import MetricsLogger, get_logger
 from scaling.core.memory import estimate_memory, format_memory_line, param_sizes
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
-from scaling.core.sharding.policy import Offload
 from scaling.core.topology.rng import RngTracker
 from scaling.core.trainer.config import TrainerConfig
 from scaling.core.trainer.console import parameter_counts, progress_line, startup_block
 from scaling.core.trainer.context import TrainingContext
 from scaling.core.trainer.nonfinite import StepHealth
 from scaling.core.trainer.watchdog import StallWatchdog
+from scaling.core.zero.policy import Offload
 
 __all__ = ["Trainer"]
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from scaling.core.pipeline.grad_reduce import GradReducer
-from scaling.core.sharding.tensors import local_part
+from scaling.core.zero.tensors import local_part
 
 __all__ = ["BucketedAllReduce", "FullyShardedGrads", "GradSync", "ModelParallelSums"]
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from scaling.core.sharding.policy import Offload, ShardingPolicy
+from scaling.core.zero.policy import Offload, ShardingPolicy
 
 __all__ = ["shard_stage"]
 
