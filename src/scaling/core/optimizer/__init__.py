@@ -1,1 +1,2 @@
-"""Optimizer: AdamW with ZeRO-1 sharding, fp32 master weights, loss scaling, clipping, LR schedules."""
+"""Optimizer: AdamW as a torch.optim.Optimizer over named parameters at any ZeRO stage, with fp32 masters,
+loss scaling, clipping and learning-rate schedules."""
