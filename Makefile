@@ -27,7 +27,7 @@ example: $(STAMP)
 	$(PY) -m examples.transformer_example.run
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 check: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks
