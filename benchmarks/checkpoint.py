@@ -61,7 +61,7 @@ def _checkpoint_bench(directory: str, layers: int, hidden: int, repeats: int) ->
     root = Path(directory)
     topo = Topology(TopologyConfig())
     module = ParallelModule([LayerSpec(Block, (hidden,)) for _ in range(layers)], topo, _loss)
-    optimizer = Optimizer(module, OptimizerConfig())
+    optimizer = Optimizer.for_module(module, OptimizerConfig())
     module.train_step([torch.randn(2, hidden)])
     optimizer.step(0)
     names = dict(module.named_parameters_canonical())

@@ -57,7 +57,7 @@ def _run(zero: bool, layers: int, hidden: int, steps: int) -> dict[str, float]:
     config = OptimizerConfig(zero_stage=1 if zero else 0)
     specs = [LayerSpec(Block, (hidden, i)) for i in range(layers)]
     module = ParallelModule(specs, topo, _loss, sharding=config.sharding)
-    optimizer = Optimizer(module, config)
+    optimizer = Optimizer.for_module(module, config)
     n_params = sum(p.numel() for p in module.parameters())
     batch = torch.randn(4, 8, hidden, device=topo.device)
     times, totals = [], []
@@ -73,7 +73,7 @@ def _run(zero: bool, layers: int, hidden: int, steps: int) -> dict[str, float]:
             totals.append(time.perf_counter() - begin)
     state_bytes = sum(
         t.numel() * t.element_size()
-        for slot in optimizer.state_dict()["slots"]
+        for slot in optimizer.shard_state_dict()["slots"]
         for t in (slot["master"], slot["exp_avg"], slot["exp_avg_sq"])
     )
     return {

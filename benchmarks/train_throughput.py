@@ -124,7 +124,7 @@ def _scaling(
     config = TransformerArchitectureConfig.from_dict(arch)
     precision = PrecisionConfig.from_dict({"precision": dtype_name})
     module = ParallelModule(transformer_layer_specs(config, topo), topo, LanguageModelLoss(topo), precision=precision)
-    optimizer = Optimizer(module, OptimizerConfig())
+    optimizer = Optimizer.for_module(module, OptimizerConfig())
     parameters = sum(p.numel() for p in module.parameters())
     times = []
     for step in range(steps + WARMUP_STEPS):

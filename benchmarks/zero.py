@@ -185,7 +185,8 @@ def _engine_step(case: Case, topology: Topology, batch: torch.Tensor, zero: dict
     module = ParallelModule(
         layer_specs(case, topology), topology, _loss, precision=PrecisionConfig(precision=case.dtype), **sharding
     )
-    optimizer = Optimizer(module, config)
+    # The pre-redesign tree (bfde224) builds its optimizer from the module itself.
+    optimizer = Optimizer.for_module(module, config) if hasattr(Optimizer, "for_module") else Optimizer(module, config)  # type: ignore[arg-type]
 
     def step(index: int) -> None:
         module.train_step([batch], step=index)

@@ -34,7 +34,7 @@ def train(config: MLPConfig) -> dict[str, float]:
         precision=config.precision,
         sharding=config.optimizer.sharding,
     )
-    optimizer = Optimizer(module, config.optimizer)
+    optimizer = Optimizer.for_module(module, config.optimizer)
     train_data = DistributedDataLoader(Digits("train"), topology, seed=seed)
     test_data = DistributedDataLoader(Digits("test"), topology, shuffle=False)
     context = MLPContext(config, topology)

@@ -48,13 +48,13 @@ def _bpp(estimate: MemoryEstimate) -> float:
 
 
 # Arithmetic -------------------------------------------------------------------------------------------
-def test_stage0_fp32_is_20_bytes_per_parameter_plus_one_layer_gradient() -> None:
+def test_stage0_fp32_is_16_bytes_per_parameter_plus_one_layer_gradient() -> None:
     sizes = _mlp_sizes(1000, 10)
     n = sum(s.numel for s in sizes)
     e = estimate_memory(sizes, zero_stage=0, dp=2)
-    # weights 4 (the fp32 master's views), gradient buckets 4, optimizer's gradient vector 4, Adam 8
-    assert (e.parameters, e.gradients, e.optimizer) == (4 * n, 8 * n, 8 * n)
-    assert e.peak == 20 * n + 4 * (1000 * 1000 + 1000)
+    # weights 4 (their own fp32 masters), gradient buckets 4 (the optimizer reads them in place), Adam 8
+    assert (e.parameters, e.gradients, e.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert e.peak == 16 * n + 4 * (1000 * 1000 + 1000)
     assert estimate_memory(sizes, zero_stage=0, dp=8).peak == e.peak  # replicas: dp changes nothing
 
 
@@ -64,9 +64,9 @@ def test_stage0_bf16_keeps_separate_fp32_masters_and_gradient_copies() -> None:
     e = estimate_memory(sizes, zero_stage=0, dp=2, compute_dtype=torch.bfloat16)
     assert e.parameters == 2 * n
     assert e.optimizer == 12 * n  # Adam 8 + fp32 master 4
-    assert e.gradients == (4 + 2 + 4) * n  # fp32 bucket + bf16 autograd gradient + optimizer's fp32 vector
+    assert e.gradients == (4 + 2) * n  # fp32 bucket (read by the optimizer in place) + bf16 autograd gradient
     narrow = estimate_memory(sizes, zero_stage=0, dp=2, compute_dtype=torch.bfloat16, reduce_dtype=None)
-    assert narrow.gradients == (2 + 4) * n  # the bucket is the bf16 gradient itself
+    assert narrow.gradients == (2 + 4) * n  # the bucket is the bf16 gradient itself, and its fp32 copy
 
 
 def test_sharded_stages_divide_states_by_dp_and_order_as_zero_promises() -> None:
@@ -207,7 +207,7 @@ def _engine(stage: int, dp: int, dtype: torch.dtype, micro_batches: int) -> tupl
     config = OptimizerConfig(zero_stage=stage)
     specs = [LayerSpec(nn.Linear, (HIDDEN, HIDDEN)) for _ in range(LAYERS)]
     module = ParallelModule(specs, topo, _loss, precision=precision, sharding=config.sharding)
-    optimizer = Optimizer(module, config)
+    optimizer = Optimizer.for_module(module, config)
     batches = [torch.randn(2, HIDDEN) for _ in range(micro_batches)]
 
     def train() -> None:
@@ -216,7 +216,7 @@ def _engine(stage: int, dp: int, dtype: torch.dtype, micro_batches: int) -> tupl
             optimizer.step(step)
 
     sizes = [astuple(size) for size in param_sizes(module.param_table.values())]  # what the start-up line reads
-    return measure_peak(train, module, optimizer.adam).peak_bytes, sizes
+    return measure_peak(train, module, optimizer).peak_bytes, sizes
 
 
 def _measure_stages(cases: list[tuple[str, int]]) -> dict[tuple[str, int, int], tuple[int, list[tuple[Any, ...]]]]:

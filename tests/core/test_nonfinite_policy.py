@@ -69,7 +69,7 @@ def _run(
     optimizer_config: dict[str, Any] = {"training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-2}}]}
     if scaler is not None:
         optimizer_config["loss_scaler"] = scaler
-    optimizer = Optimizer(module, OptimizerConfig.from_dict(optimizer_config))
+    optimizer = Optimizer.for_module(module, OptimizerConfig.from_dict(optimizer_config))
     config = TrainerConfig.from_dict(trainer)
     data = DistributedDataLoader(SampleWindows(), topo)
     run = Trainer(config, TrainingContext(config, topo), module, optimizer, data)
@@ -82,9 +82,9 @@ def _run(
 
     def step(index: int, *args: Any) -> Any:
         before = [p.detach().clone() for p in module.parameters()]
-        state = [{k: v.clone() for k, v in s.items()} for s in optimizer.adam.state.values()]
+        state = [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
         result = original_step(index, *args)
-        after_state = list(optimizer.adam.state.values())
+        after_state = list(optimizer.state.values())
         untouched[index] = (
             all(torch.equal(b, p) for b, p in zip(before, module.parameters(), strict=True))
             and len(state) == len(after_state)

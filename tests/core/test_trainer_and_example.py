@@ -33,7 +33,7 @@ def _train(
 ) -> dict[str, Any]:
     topo = Topology(TopologyConfig(**layout, micro_batch_size=2, global_batch_size=8))
     module = ParallelModule(model_specs(topo, 2, 0.1), topo, Loss(topo), seed=1)
-    optimizer = Optimizer(
+    optimizer = Optimizer.for_module(
         module, OptimizerConfig.from_dict({"training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-2}}]})
     )
     config = TrainerConfig.from_dict(trainer)

@@ -283,7 +283,7 @@ def test_converted_checkpoint_trains_and_its_finetune_config_loads(tmp_path: Pat
     )
     module = _load(topology, checkpoint)
     module.train()
-    optimizer = Optimizer(module, OptimizerConfig())
+    optimizer = Optimizer.for_module(module, OptimizerConfig())
     tokens = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
     before = {n: p.detach().clone() for n, p in module.named_parameters_canonical()}
     result = module.train_step([{"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}], step=0)

@@ -38,7 +38,7 @@ def _finetune(tp: int, finetuning: dict[str, Any], arch: dict[str, Any]) -> dict
     base_loss = base.eval_step(batches).loss
     start_loss = tuned.eval_step(batches).loss
     before = {n: p.detach().clone() for n, p in tuned.named_parameters_canonical()}
-    optimizer = Optimizer(
+    optimizer = Optimizer.for_module(
         tuned, OptimizerConfig.from_dict({"training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-2}}]})
     )
     first = tuned.train_step(batches, step=0)
@@ -119,7 +119,7 @@ def _adapter_checkpoint(base_dir: str, adapter_dir: str) -> dict[str, Any]:
     save_checkpoint(base_dir, 1, base)
     tuned = _module(topo, LORA)
     load_checkpoint(base_dir, tuned, missing="keep_initialised")  # the LoRA factors are not in the base
-    optimizer = Optimizer(
+    optimizer = Optimizer.for_module(
         tuned, OptimizerConfig.from_dict({"training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-2}}]})
     )
     for step in range(2):
@@ -157,7 +157,7 @@ def test_adapter_weights_save_alone_and_load_on_top_of_the_base(tmp_path: Any) -
 def _soft_prompt(layout: dict[str, Any]) -> dict[str, Any]:
     topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=2))
     module = _module(topo, {"soft_prompt": {"tokens": 3}})
-    optimizer = Optimizer(
+    optimizer = Optimizer.for_module(
         module, OptimizerConfig.from_dict({"training_groups": [{"learning_rate_schedule": {"learning_rate": 5e-2}}]})
     )
     before = {n: p.detach().clone() for n, p in module.named_parameters_canonical()}

@@ -146,7 +146,7 @@ def train(config: TransformerConfig) -> Trainer:
     logger = configure_logging(config.logger, topology.global_rank, coord)
     rng = RngTracker(config.trainer.seed, topology.coord, topology.device)
     module = build_module(config, topology, rng)
-    optimizer = Optimizer(module, config.optimizer)
+    optimizer = Optimizer.for_module(module, config.optimizer)
     train_set, validation_set = _datasets(config)
     train_data = DistributedDataLoader(
         train_set, topology, seed=config.trainer.seed, num_workers=config.data.num_workers

@@ -34,7 +34,7 @@ def _run(
     topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=MICRO_PER_STEP // dp))
     config = OptimizerConfig.from_dict({**OPTIMIZER, "zero": zero})
     module = ParallelModule(model_specs(topo, 2, 0.1), topo, Loss(topo), seed=3, sharding=config.sharding)
-    optimizer = Optimizer(module, config)
+    optimizer = Optimizer.for_module(module, config)
     if load:
         assert save_dir is not None
         info = load_checkpoint(save_dir, module, optimizer)
@@ -117,7 +117,7 @@ def test_resume_on_another_layout_continues_the_run(tmp_path: Path, resumed: dic
 def _crash_then_recover(save_dir: str) -> dict[str, Any]:
     topo = Topology(TopologyConfig())
     module = ParallelModule(model_specs(topo, 1, 0.0), topo, Loss(topo))
-    optimizer = Optimizer(module, OptimizerConfig.from_dict(OPTIMIZER))
+    optimizer = Optimizer.for_module(module, OptimizerConfig.from_dict(OPTIMIZER))
     save_checkpoint(save_dir, 1, module, optimizer)
     weights_at_1 = {n: p.detach().clone() for n, p in module.named_parameters_canonical()}
     module.train_step(batches(1))

@@ -49,7 +49,7 @@ def topology() -> Iterator[Topology]:
 
 def _trainer(topo: Topology, **trainer: Any) -> Trainer:
     module = ParallelModule(model_specs(topo, 1, 0.0), topo, Loss(topo), seed=1)
-    optimizer = Optimizer(module, OptimizerConfig.from_dict(OPTIMIZER))
+    optimizer = Optimizer.for_module(module, OptimizerConfig.from_dict(OPTIMIZER))
     config = TrainerConfig.from_dict({k: str(v) if isinstance(v, Path) else v for k, v in trainer.items()})
     data = DistributedDataLoader(SampleWindows(), topo)
     return Trainer(config, TrainingContext(config, topo), module, optimizer, data)
@@ -216,7 +216,7 @@ def test_save_dir_that_cannot_take_a_checkpoint_fails_before_the_first_step(
     monkeypatch.setattr("scaling.core.checkpoint.preflight.shutil.disk_usage", lambda p: seen.append(1) or real(p))
     run = _trainer(topology, train_iterations=1, save_dir=tmp_path / "ok")
     bytes_needed = run._checkpoint_bytes()
-    params = sum(p.numel() for p in run.module.parameters() if not run.module.is_tied_copy(p))
+    params = sum(p.numel() for n, p in run.module.named_parameters_canonical() if not run.module.is_tied_copy(n))
     assert bytes_needed == params * (4 + 12)  # fp32 weights + master + two moments
     run.run()
     assert seen  # the space was checked

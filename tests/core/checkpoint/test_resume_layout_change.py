@@ -30,7 +30,7 @@ from ..pipeline.tp_models import Loss, SampleWindows, model_specs
 def _train(dp: int, trainer: dict[str, Any], old_format: bool = False) -> dict[str, Any]:
     topo = Topology(TopologyConfig(data_parallel_size=dp, micro_batch_size=2, global_batch_size=8))
     module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo), seed=1)
-    optimizer = Optimizer(
+    optimizer = Optimizer.for_module(
         module, OptimizerConfig.from_dict({"training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-2}}]})
     )
     config = TrainerConfig.from_dict(trainer)

@@ -40,7 +40,7 @@ def _train(dtype: torch.dtype, steps: int, lr: float) -> dict[str, torch.Tensor]
     topo = Topology(TopologyConfig(data_parallel_size=dist.get_world_size(), gradient_accumulation_steps=2))
     module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo), precision=_precision(dtype))
     config = {"gradient_clipping": 1.0, "training_groups": [{"learning_rate_schedule": {"learning_rate": lr}}]}
-    optimizer = Optimizer(module, OptimizerConfig.from_dict(config))
+    optimizer = Optimizer.for_module(module, OptimizerConfig.from_dict(config))
     for step in range(steps):
         all_batches = batches(2 * topo.dp_size, seed=step)
         mine = all_batches[topo.dp_rank * 2 : (topo.dp_rank + 1) * 2]
@@ -53,7 +53,7 @@ def _gradient_reduction(reduce_in_fp32: bool) -> dict[str, Any]:
     topo = Topology(TopologyConfig(data_parallel_size=dist.get_world_size(), gradient_accumulation_steps=2))
     precision = PrecisionConfig.from_dict({"precision": "bfloat16", "reduce_grads_in_fp32": reduce_in_fp32})
     module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo), precision=precision)
-    optimizer = Optimizer(module, OptimizerConfig.from_dict({"training_groups": [{}]}))
+    optimizer = Optimizer.for_module(module, OptimizerConfig.from_dict({"training_groups": [{}]}))
     mine = batches(2 * topo.dp_size, seed=0)[topo.dp_rank * 2 : (topo.dp_rank + 1) * 2]
     module.train_step(mine, step=0, loss_scale=optimizer.loss_scale)
     grads = {n: module.main_grad(n).clone() for n, _ in module.named_parameters_canonical()}  # type: ignore[union-attr]
@@ -102,7 +102,7 @@ def _tiny_updates(steps: int) -> dict[str, Any]:
     topo = Topology(TopologyConfig())
     module = ParallelModule([LayerSpec(_Ones)], topo, _sum_loss, precision=_precision(torch.bfloat16))
     config = {"gradient_clipping": 0, "training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-4}}]}
-    optimizer = Optimizer(module, OptimizerConfig.from_dict(config))
+    optimizer = Optimizer.for_module(module, OptimizerConfig.from_dict(config))
     bf16_only = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
     plain = torch.optim.AdamW([bf16_only], lr=1e-4, weight_decay=0.0)
     after_one = None
@@ -112,7 +112,10 @@ def _tiny_updates(steps: int) -> dict[str, Any]:
         bf16_only.grad = torch.ones(4, dtype=torch.bfloat16)
         plain.step()
         if step == 0:
-            after_one = (optimizer.shards[0].master.detach().clone(), module.layers["0"].weight.detach().clone())
+            after_one = (
+                optimizer.parameter_state("layers.0.weight")["master"].clone(),
+                module.layers["0"].weight.detach().clone(),
+            )
     assert after_one is not None
     return {
         "master_after_one": after_one[0],
@@ -156,7 +159,7 @@ def _fp16_run(overflow_step: int, steps: int) -> dict[str, Any]:
         "training_groups": [{"learning_rate_schedule": {"learning_rate": 1e-3}}],
         "loss_scaler": {"initial_scale": 1024.0, "growth_interval": 2, "hysteresis": 1},
     }
-    optimizer = Optimizer(module, OptimizerConfig.from_dict(config))
+    optimizer = Optimizer.for_module(module, OptimizerConfig.from_dict(config))
     logged: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
@@ -193,16 +196,16 @@ def _resumable(dp_layout: int, zero: bool, steps: range, state: list[dict[str, A
         }
     )
     module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo), sharding=config.sharding)
-    optimizer = Optimizer(module, config)
+    optimizer = Optimizer.for_module(module, config)
     if state is not None:
-        optimizer.load_state_dict(state)
+        optimizer.load_shard_state_dicts(state)
     losses = []
     for step in steps:
         mine = batches(4, seed=50 + step)[topo.dp_rank * n_micro : (topo.dp_rank + 1) * n_micro]
         losses.append(module.train_step(mine, step=step).loss)
         optimizer.step(step)
     weights = {n: gathered(p.detach()).clone() for n, p in module.named_parameters_canonical()}
-    return {"losses": losses, "weights": weights, "state": optimizer.state_dict()}
+    return {"losses": losses, "weights": weights, "state": optimizer.shard_state_dict()}
 
 
 @pytest.mark.timeout(240)
@@ -228,7 +231,7 @@ def _bad_groups(groups: list[dict[str, Any]]) -> str:
     topo = Topology(TopologyConfig(pipe_parallel_size=dist.get_world_size()))
     module = ParallelModule(model_specs(topo, 2, 0.0), topo, Loss(topo))
     try:
-        Optimizer(module, OptimizerConfig.from_dict({"training_groups": groups}))
+        Optimizer.for_module(module, OptimizerConfig.from_dict({"training_groups": groups}))
     except ConfigError as exc:
         return str(exc)
     return "no error"

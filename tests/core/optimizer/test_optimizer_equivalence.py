@@ -1,4 +1,5 @@
-"""AdamW with ZeRO-1 on data-parallel (and tp/pp) layouts equals torch.optim.AdamW on one process.
+"""AdamW with ZeRO (stage 1, via the deprecated zero: true) on data-parallel (and tp/pp) layouts equals
+torch.optim.AdamW on one process.
 
 The reference trains the same tiny tensor-parallel LM (tp=1) with a plain loop over all micro-batches,
 ``torch.nn.utils.clip_grad_norm_`` and ``torch.optim.AdamW`` over the same parameter groups and learning
@@ -94,7 +95,7 @@ def _parallel(layout: dict[str, Any], steps: int, zero: bool) -> dict[str, Any]:
     topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=N_MICRO))
     config = OptimizerConfig.from_dict({**OPTIMIZER, "zero": zero})
     module = ParallelModule(model_specs(topo, N_BLOCKS, 0.0), topo, Loss(topo), sharding=config.sharding)
-    optimizer = Optimizer(module, config)
+    optimizer = Optimizer.for_module(module, config)
     losses, norms, clipped = [], [], []
     for step in range(steps):
         mine = _step_batches(step, topo.dp_size)[topo.dp_rank * N_MICRO : (topo.dp_rank + 1) * N_MICRO]
@@ -108,7 +109,7 @@ def _parallel(layout: dict[str, Any], steps: int, zero: bool) -> dict[str, Any]:
     }
     state_bytes = sum(
         t.numel() * t.element_size()
-        for slot in optimizer.state_dict()["slots"]
+        for slot in optimizer.shard_state_dict()["slots"]
         for t in (slot["master"], slot["exp_avg"], slot["exp_avg_sq"])
     )
     return {

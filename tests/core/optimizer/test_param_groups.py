@@ -43,7 +43,7 @@ def _frozen_stay_out() -> list[str]:
 
     module = ParallelModule([LayerSpec(nn.Linear, (3, 3)), LayerSpec(nn.Linear, (3, 3))], topo, loss)
     module.layers["0"].weight.requires_grad_(False)
-    optimizer = Optimizer(module, OptimizerConfig.from_dict({"training_groups": [{"weight_decay": 0.1}]}))
+    optimizer = Optimizer.for_module(module, OptimizerConfig.from_dict({"training_groups": [{"weight_decay": 0.1}]}))
     frozen_before = module.layers["0"].weight.detach().clone()
     module.train_step([torch.randn(2, 3)])
     optimizer.step(0)

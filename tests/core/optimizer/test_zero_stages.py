@@ -50,7 +50,7 @@ def _train(
             precision=PrecisionConfig(precision=precision),
             sharding=config.sharding,
         )
-        optimizer = Optimizer(module, config)
+        optimizer = Optimizer.for_module(module, config)
         losses, norms, skipped = [], [], []
         for step in range(STEPS):
             mine = _step_batches(step, data_of_dp)[topo.dp_rank * n_micro : (topo.dp_rank + 1) * n_micro]
@@ -61,7 +61,7 @@ def _train(
         params = dict(module.named_parameters_canonical())
         local_state = sum(
             state[key].to_local().numel() if is_sharded(state[key]) else state[key].numel()
-            for state in optimizer.adam.state.values()
+            for state in optimizer.state.values()
             for key in ("exp_avg", "exp_avg_sq")
             if key in state
         )

@@ -16,8 +16,9 @@ Where each term comes from (and what the tests measure; ``tests/core/test_memory
 Stage 0 (bucketed all-reduce, the existing :class:`~scaling.core.optimizer.optimizer.Optimizer`):
   weights ``cN``; fp32 masters ``4T`` only when ``c < 4`` (fp32 weights *are* views of the master);
   gradient buckets ``rT``, plus autograd's own ``cT`` when the buckets reduce in a wider dtype; the
-  optimizer's fp32 gradient vector ``4T`` (the flat shard's ``.grad``); Adam ``8T``. Transient: one
-  unit's fresh gradient ``cU`` before autograd accumulates it into the bucket.
+  optimizer reads the buckets as its gradients, so only gradients reduced in a narrower dtype than fp32
+  take an fp32 copy ``4T``; Adam ``8T``. Transient: one unit's fresh gradient ``cU`` before autograd
+  accumulates it into the bucket.
 
 Stages 1-3 (FSDP2 ``fully_shard`` per unit over the data-parallel group): the sharded fp32 parameters
 are the masters, ``4N/d``; Adam ``8T/d``; sharded fp32 gradients ``4T/d``. Reducing one unit's gradient
@@ -172,7 +173,7 @@ def estimate_memory(
     if zero_stage == 0:
         parameters = c * n
         optimizer = _ADAM * t + (_MASTER * t if c < _MASTER else 0)
-        gradients = r * t + (c * t if r != c else 0) + _MASTER * t
+        gradients = r * t + (c * t if r != c else 0) + (_MASTER * t if r < _MASTER else 0)
         peak = parameters + optimizer + gradients + c * u
         return MemoryEstimate(0, dp, compute_dtype, n, t, parameters, gradients, optimizer, peak + activation_bytes)
 
