@@ -19,6 +19,7 @@ running all ``n_micro x dp`` micro-batches with the loss of each scaled by ``1 /
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from scaling.core.nn.dropout import DropoutKey, dropout_key
 from scaling.core.nn.param_meta import get_param_meta
@@ -193,6 +195,7 @@ class ParallelModule(nn.Module):
             )
             if meta_init:
                 self._materialise()
+            self._prefetch_next_layers(units)
             chunk_units = {
                 chunk: [self.layers[str(i)] for i in layer_range] for chunk, layer_range in enumerate(self.chunk_ranges)
             }
@@ -347,6 +350,18 @@ class ParallelModule(nn.Module):
                 )
             )
         return ParamTable(records)
+
+    def _prefetch_next_layers(self, units: list[list[int]]) -> None:
+        """Within each model chunk, gather the next layer while this one computes (forward) and the
+        previous one while this one's gradients are computed (backward), instead of on first use. Units of
+        several layers (a tied embedding and head) share one FSDP state, so they prefetch nothing."""
+        single = {unit[0] for unit in units if len(unit) == 1}
+        for layer_range in self.chunk_ranges:
+            chain = [self.layers[str(i)] for i in layer_range if i in single]
+            for before, after in itertools.pairwise(chain):
+                assert isinstance(before, FSDPModule) and isinstance(after, FSDPModule)
+                before.set_modules_to_forward_prefetch([after])
+                after.set_modules_to_backward_prefetch([before])
 
     def _sharding_units(self) -> list[list[int]]:
         """Layers of this rank grouped into FSDP units: one per layer, except that layers sharing a
