@@ -23,7 +23,7 @@ The model is an MLP whose activations are small next to its weights (default: 6 
 DeepSpeed gets the same layers, built from the same specs and seeds, in an ``nn.Sequential``. So the bytes
 measured are those of parameters, gradients and optimizer state, which is what ZeRO shards.
 
-Peak memory is one measurement for every side, ``scaling.core.memory.measure_peak`` (torch's memory
+Peak memory is one measurement for every side, ``scaling.core.zero.memory.measure_peak`` (torch's memory
 tracker: every tensor storage alive, from before model construction to the end of the second step, when
 the Adam moments exist), in a world of processes of its own per contender, so nothing another contender
 left behind is counted. Bytes per parameter divide the peak of the worst rank by the parameter count of
@@ -129,13 +129,13 @@ def _loss(y: torch.Tensor, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Te
 
 # Peak memory ----------------------------------------------------------------------------------------
 def _measure_peak() -> Callable[..., Any]:
-    """``scaling.core.memory``'s measurement, for every side alike. The pre-redesign tree has none, so
+    """``scaling.core.zero.memory``'s measurement, for every side alike. The pre-redesign tree has none, so
     its run loads the file of this checkout (it needs nothing of scaling)."""
     try:
-        from scaling.core.memory.measure import measure_peak
+        from scaling.core.zero.memory.measure import measure_peak
     except ImportError:
         name = "_zero_benchmark_measure"
-        path = os.path.join(REPO, "src", "scaling", "core", "memory", "measure.py")
+        path = os.path.join(REPO, "src", "scaling", "core", "zero", "memory", "measure.py")
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None, path
         module = sys.modules[name] = importlib.util.module_from_spec(spec)

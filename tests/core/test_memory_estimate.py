@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaling.core.memory import (
+from scaling.core.testing import run_distributed
+from scaling.core.zero.memory import (
     MemoryEstimate,
     ParamSize,
     estimate_memory,
@@ -29,7 +30,6 @@ from scaling.core.memory import (
     measure_peak,
     param_sizes,
 )
-from scaling.core.testing import run_distributed
 
 HIDDEN, LAYERS, STEPS = 512, 8, 2
 TOLERANCE = 0.10

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from scaling.core.memory import measure_peak
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.layer_spec import LayerSpec
@@ -21,6 +20,7 @@ from scaling.core.pipeline.module import ParallelModule
 from scaling.core.testing import run_distributed
 from scaling.core.topology import Topology, TopologyConfig
 from scaling.core.zero import ShardingPolicy, gathered
+from scaling.core.zero.memory import measure_peak
 
 from ..pipeline.tp_models import Loss, batches, model_specs
 

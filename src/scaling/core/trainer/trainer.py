@@ -33,7 +33,6 @@ from scaling.core.checkpoint.resume import continues_to, resume_source
 from scaling.core.config import ConfigError
 from scaling.core.data.loader import DistributedDataLoader
 from scaling.core.logging import MetricsLogger, get_logger
-from scaling.core.memory import estimate_memory, format_memory_line, param_sizes
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.topology.rng import RngTracker
@@ -42,6 +41,7 @@ from scaling.core.trainer.console import parameter_counts, progress_line, startu
 from scaling.core.trainer.context import TrainingContext
 from scaling.core.trainer.nonfinite import StepHealth
 from scaling.core.trainer.watchdog import StallWatchdog
+from scaling.core.zero.memory import estimate_memory, format_memory_line, param_sizes
 from scaling.core.zero.policy import Offload
 
 __all__ = ["Trainer"]

@@ -1,6 +1,6 @@
 """Peak bytes of live tensors while a callable runs, measured with torch's own memory tracker.
 
-The estimate in :mod:`scaling.core.memory.estimate` is only worth printing if it matches what a run
+The estimate in :mod:`scaling.core.zero.memory.estimate` is only worth printing if it matches what a run
 holds, so the tests and ``benchmarks/zero.py`` measure the same thing the formula predicts: bytes of
 tensor storage alive at the worst moment of a training step. ``torch.cuda.max_memory_allocated`` answers
 that on a GPU only; on CPU (where every test runs) we use

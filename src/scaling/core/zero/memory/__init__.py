@@ -1,7 +1,7 @@
 """Per-rank memory: the estimate the start-up line prints (a pure function of the parameter table,
 ZeRO stage, precision and layout) and the CPU measurement that keeps it honest."""
 
-from scaling.core.memory.estimate import (
+from scaling.core.zero.memory.estimate import (
     MemoryEstimate,
     ParamSize,
     estimate_memory,
@@ -9,7 +9,7 @@ from scaling.core.memory.estimate import (
     human_bytes,
     param_sizes,
 )
-from scaling.core.memory.measure import MemoryMeasurement, live_tensor_bytes, measure_peak
+from scaling.core.zero.memory.measure import MemoryMeasurement, live_tensor_bytes, measure_peak
 
 __all__ = [
     "MemoryEstimate",
