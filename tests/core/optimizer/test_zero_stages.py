@@ -1,9 +1,9 @@
 """ZeRO stages 0-3 on every layout train exactly like one process.
 
 The same tiny tensor-parallel LM (tied embedding and head) trains for 10 steps with clipping, weight decay
-and two parameter groups at each ZeRO stage on (tp, pp, dp) layouts, and is compared with
-``torch.optim.AdamW`` on one process (``test_optimizer_equivalence._reference``): losses, gradient norms
-and final weights in fp32 to 1e-6. All four stages run in one launch per layout, one after the other.
+and two parameter groups at each ZeRO stage on (tp, pp, dp) layouts (and interleaved pipeline chunks), and
+is compared with ``torch.optim.AdamW`` on one process (``test_optimizer_equivalence._reference``): losses,
+gradient norms and final weights in fp32 to 1e-6. All four stages run in one launch per layout, one after the other.
 bf16 and fp16 compare every stage with the engine's stage 0 on one process in the same precision (the
 stages accumulate gradients differently: stage 0 in the parameter dtype, FSDP2 in fp32), with looser,
 stated tolerances; offload compares with the fp32 reference.
@@ -85,6 +85,9 @@ LAYOUTS = [
     {"model_parallel_size": 2},
     {"model_parallel_size": 2, "data_parallel_size": 2},
     {"pipe_parallel_size": 2, "data_parallel_size": 2},
+    # Interleaved 1F1B: two model chunks per rank, so a unit's last backward of the step comes at a
+    # different point of the schedule for each chunk.
+    {"pipe_parallel_size": 2, "data_parallel_size": 2, "virtual_pipe_stages": 2, "pipe_schedule": "interleaved_1f1b"},
 ]
 
 
