@@ -192,6 +192,7 @@ class ParallelModule(nn.Module):
                 policy=self.sharding,
                 compute_dtype=self.dtype,
                 reduce_dtype=reduce_dtype,
+                keep_gathered=[i for i, unit in enumerate(units) if unit == [self.chunk_ranges[-1][-1]]],
             )
             if meta_init:
                 self._materialise()

@@ -32,9 +32,14 @@ def shard_stage(
     policy: ShardingPolicy,
     compute_dtype: torch.dtype,
     reduce_dtype: torch.dtype | None,
+    keep_gathered: Sequence[int] = (),
 ) -> list[nn.Module]:
     """Shard every unit (a list of layers that share parameters), then the root; return the unit modules
-    that FSDP2 now manages (the first layer of each unit), for setting per-unit gradient sync."""
+    that FSDP2 now manages (the first layer of each unit), for setting per-unit gradient sync.
+
+    ``keep_gathered``: positions in ``units`` that stay gathered after forward even when the policy
+    reshards (the last layer of a chunk: its backward follows at once, so freeing it would only gather
+    it again)."""
     mesh = DeviceMesh.from_group(group, device_type=device.type)
     mixed = MixedPrecisionPolicy(
         param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
@@ -43,9 +48,9 @@ def shard_stage(
     offload: OffloadPolicy = (
         CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if policy.offload == Offload.CPU else OffloadPolicy()
     )
-    reshard = policy.reshard
     managed: list[nn.Module] = []
-    for unit in units:
+    for position, unit in enumerate(units):
+        reshard = policy.reshard and position not in keep_gathered
         modules = list(unit)
         if not any(True for m in modules for _ in m.parameters()):
             continue
@@ -54,5 +59,5 @@ def shard_stage(
         else:
             fully_shard(modules[0], mesh=mesh, reshard_after_forward=reshard, mp_policy=mixed, offload_policy=offload)
         managed.extend(modules)
-    fully_shard(root, mesh=mesh, reshard_after_forward=reshard, mp_policy=mixed, offload_policy=offload)
+    fully_shard(root, mesh=mesh, reshard_after_forward=policy.reshard, mp_policy=mixed, offload_policy=offload)
     return managed
