@@ -201,7 +201,7 @@ class ParallelModule(nn.Module):
                 chunk: [self.layers[str(i)] for i in layer_range] for chunk, layer_range in enumerate(self.chunk_ranges)
             }
             self.grad_sync = FullyShardedGrads(
-                self.named_parameters_by_name, chunk_units, self.sharding.sync_every_micro_batch, sums
+                self.named_parameters_by_name(), chunk_units, self.sharding.sync_every_micro_batch, sums
             )
         else:
             reducer = GradReducer(

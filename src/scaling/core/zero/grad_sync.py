@@ -96,12 +96,12 @@ class FullyShardedGrads:
 
     def __init__(
         self,
-        params: Callable[[], Mapping[str, nn.Parameter]],
+        params: Mapping[str, nn.Parameter],
         chunk_units: Mapping[int, Sequence[nn.Module]],
         sync_every_micro_batch: bool,
         sums: ModelParallelSums,
     ) -> None:
-        self._params = params
+        self._params = dict(params)  # FSDP2's sharded parameters, fixed once the module is built
         self.chunk_units = {
             chunk: [u for u in units if isinstance(u, FSDPModule)] for chunk, units in chunk_units.items()
         }
@@ -113,7 +113,7 @@ class FullyShardedGrads:
             unit.set_requires_gradient_sync(value, recurse=False)
 
     def start(self, n_micro: int) -> None:
-        for p in self._params().values():
+        for p in self._params.values():
             p.grad = None
         sync = self.sync_every_micro_batch or n_micro == 1
         for units in self.chunk_units.values():
@@ -127,5 +127,5 @@ class FullyShardedGrads:
         self.sums.apply(self.grad)
 
     def grad(self, name: str) -> torch.Tensor | None:
-        p = self._params().get(name)
+        p = self._params.get(name)
         return None if p is None or p.grad is None else local_part(p.grad)
