@@ -28,17 +28,19 @@ OPTIMIZER = {"training_groups": [{"weight_decay": 0.1, "learning_rate_schedule":
 
 
 def _run(
-    layout: dict[str, Any], zero: bool, steps: range, save_dir: str | None, save_at: int | None, load: bool
+    layout: dict[str, Any], zero: bool | int, steps: range, save_dir: str | None, save_at: int | None, load: bool
 ) -> dict[str, Any]:
+    """Train ``steps`` on ``layout``; ``zero``: the old ``zero`` flag (a bool) or a ZeRO stage (an int)."""
     dp = layout.get("data_parallel_size", 1)
     topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=MICRO_PER_STEP // dp))
-    config = OptimizerConfig.from_dict({**OPTIMIZER, "zero": zero})
+    sharding = {"zero": zero} if isinstance(zero, bool) else {"zero_stage": zero}
+    config = OptimizerConfig.from_dict({**OPTIMIZER, **sharding})
     module = ParallelModule(model_specs(topo, 2, 0.1), topo, Loss(topo), seed=3, sharding=config.sharding)
     optimizer = Optimizer.for_module(module, config)
     if load:
         assert save_dir is not None
         info = load_checkpoint(save_dir, module, optimizer)
-        assert info.step == steps.start
+        assert info.step == steps.start and info.optimizer_loaded
     losses = []
     n_micro = MICRO_PER_STEP // dp
     for step in steps:

@@ -14,46 +14,15 @@ from typing import Any
 import pytest
 import torch
 
-from scaling.core.checkpoint import load_checkpoint, save_checkpoint
-from scaling.core.optimizer.config import OptimizerConfig
-from scaling.core.optimizer.optimizer import Optimizer
-from scaling.core.pipeline.module import ParallelModule
 from scaling.core.testing import run_distributed
-from scaling.core.topology import Topology, TopologyConfig
-from scaling.core.zero import gathered
 
-from ..pipeline.tp_models import Loss, batches, model_specs
-from .test_checkpoint import MICRO_PER_STEP, OPTIMIZER, _full_weights, _world
-
-
-def _run(layout: dict[str, Any], stage: int, steps: range, save_dir: str, save: bool) -> dict[str, Any]:
-    dp = layout.get("data_parallel_size", 1)
-    topo = Topology(TopologyConfig(**layout, gradient_accumulation_steps=MICRO_PER_STEP // dp))
-    config = OptimizerConfig.from_dict({**OPTIMIZER, "zero_stage": stage})
-    module = ParallelModule(model_specs(topo, 2, 0.1), topo, Loss(topo), seed=3, sharding=config.sharding)
-    optimizer = Optimizer.for_module(module, config)
-    if not save and steps.start > 0:
-        info = load_checkpoint(save_dir, module, optimizer)
-        assert info.step == steps.start and info.optimizer_loaded
-    losses = []
-    n_micro = MICRO_PER_STEP // dp
-    for step in steps:
-        mine = batches(MICRO_PER_STEP, seed=200 + step)[topo.dp_rank * n_micro : (topo.dp_rank + 1) * n_micro]
-        losses.append(module.train_step(mine, step=step).loss)
-        optimizer.step(step)
-    if save:
-        save_checkpoint(save_dir, steps.stop, module, optimizer)
-    weights = {
-        n: (gathered(p.detach()).clone(), module.param_table[n].tp_split_dim)
-        for n, p in module.named_parameters_canonical()
-    }
-    return {"coord": (topo.pp_rank, topo.dp_rank, topo.tp_rank), "losses": losses, "weights": weights}
+from .test_checkpoint import _full_weights, _run, _world
 
 
 @functools.cache
 def _straight() -> dict[str, Any]:
     """One process training 8 steps straight at stage 0: the reference of every case (run once)."""
-    return run_distributed(_run, 1, {}, 0, range(8), "never-saved", False, timeout_s=240)[0]
+    return run_distributed(_run, 1, {}, 0, range(8), None, None, False, timeout_s=240)[0]
 
 
 CASES = [
@@ -70,9 +39,9 @@ def test_resume_across_zero_stages_and_layouts(
     tmp_path: Path, saved: dict[str, Any], saved_stage: int, resumed: dict[str, Any], resumed_stage: int
 ) -> None:
     straight = _straight()
-    first = run_distributed(_run, _world(saved), saved, saved_stage, range(4), str(tmp_path), True, timeout_s=240)
+    first = run_distributed(_run, _world(saved), saved, saved_stage, range(4), str(tmp_path), 4, False, timeout_s=240)
     second = run_distributed(
-        _run, _world(resumed), resumed, resumed_stage, range(4, 8), str(tmp_path), False, timeout_s=240
+        _run, _world(resumed), resumed, resumed_stage, range(4, 8), str(tmp_path), None, True, timeout_s=240
     )
     for r in first:
         torch.testing.assert_close(torch.stack(r["losses"]), torch.stack(straight["losses"][:4]), rtol=1e-6, atol=1e-6)
