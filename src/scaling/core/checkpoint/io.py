@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ from scaling.core.checkpoint.layout import (
 from scaling.core.checkpoint.writes import SaveWrites, first_error
 from scaling.core.logging import get_logger
 from scaling.core.nn.param_meta import shard
-from scaling.core.optimizer.optimizer import Optimizer
+from scaling.core.optimizer.loss_scaler import DynamicLossScaler
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.zero.tensors import assign_full, gathered
 
@@ -52,6 +52,41 @@ __all__ = ["CheckpointInfo", "find_checkpoint", "load_checkpoint", "save_checkpo
 FORMAT_VERSION = 1
 
 _logger = get_logger("scaling.checkpoint")
+
+
+class _Slot(Protocol):
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def names(self) -> Sequence[str]: ...
+
+
+class CheckpointOptimizer(Protocol):
+    """What a checkpoint needs of an optimizer: its state per parameter name, full over data-parallel ranks.
+    The engine's ``Optimizer`` is one; a plain loop adapts its ``torch.optim.AdamW`` to it."""
+
+    @property
+    def slots(self) -> Sequence[_Slot]: ...
+
+    @property
+    def sharded(self) -> bool: ...
+
+    @property
+    def zero_stage(self) -> int: ...
+
+    @property
+    def scaler(self) -> DynamicLossScaler | None: ...
+
+    def steps_taken(self) -> dict[str, int]: ...
+
+    def set_steps_taken(self, steps: dict[str, int]) -> None: ...
+
+    def parameter_state(self, name: str) -> dict[str, torch.Tensor]: ...
+
+    def load_parameter_state(self, name: str, state: dict[str, torch.Tensor]) -> None: ...
+
+    def reload_masters_from_params(self) -> None: ...
 
 
 @dataclass
@@ -146,7 +181,7 @@ def save_checkpoint(
     save_dir: str | Path,
     step: int,
     module: ParallelModule,
-    optimizer: Optimizer | None = None,
+    optimizer: CheckpointOptimizer | None = None,
     *,
     config: Mapping[str, Any] | None = None,
     rank_state: Mapping[str, torch.Tensor] | None = None,
@@ -223,7 +258,7 @@ def save_checkpoint(
             if optimizer is None
             else {
                 "zero": optimizer.sharded,
-                "zero_stage": optimizer.config.zero_stage,
+                "zero_stage": optimizer.zero_stage,
                 "loss_scaler": optimizer.scaler.state_dict() if optimizer.scaler else None,
             },
             "config": dict(config) if config is not None else None,
@@ -310,7 +345,7 @@ def _describe(layer: int, key: str) -> str:
 def load_checkpoint(
     path: str | Path,
     module: ParallelModule,
-    optimizer: Optimizer | None = None,
+    optimizer: CheckpointOptimizer | None = None,
     *,
     load_optimizer: bool = True,
     missing: Literal["error", "keep_initialised"] = "error",
@@ -412,7 +447,11 @@ def _load_model(checkpoint: Path, module: ParallelModule, missing: str, checksum
 
 
 def _load_optimizer(
-    checkpoint: Path, manifest: dict[str, Any], module: ParallelModule, optimizer: Optimizer, checksums: dict[str, str]
+    checkpoint: Path,
+    manifest: dict[str, Any],
+    module: ParallelModule,
+    optimizer: CheckpointOptimizer,
+    checksums: dict[str, str],
 ) -> None:
     if manifest.get("optimizer") is None:
         raise CheckpointError(f"{checkpoint} has no optimizer state; load with load_optimizer=False")

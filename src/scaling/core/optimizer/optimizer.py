@@ -121,6 +121,10 @@ class Optimizer(torch.optim.Optimizer):
         for name, p in named:
             self._init_state(name, p)
 
+    @property
+    def zero_stage(self) -> int:
+        return self.config.zero_stage
+
     @classmethod
     def for_module(cls, module: ParallelModule, config: OptimizerConfig) -> Optimizer:
         """The optimizer of the engine's ``module``: gradients from its gradient sync, the norm counted as

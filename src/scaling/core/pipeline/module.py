@@ -140,7 +140,7 @@ class ParallelModule(nn.Module):
         precision = precision or PrecisionConfig()
         self.dtype = precision.precision.dtype
         self.sharding = sharding or ShardingPolicy()
-        if meta_init and not self.sharding.sharded:
+        if meta_init and not self.sharding.uses_fsdp:
             raise ValueError("meta_init needs ZeRO stage 1, 2 or 3 (stage 0 holds every weight whole anyway)")
         self._adapt = adapt
         self.topology = topology
@@ -181,7 +181,7 @@ class ParallelModule(nn.Module):
         )
         reduce_dtype = torch.float32 if precision.reduce_grads_in_fp32 else None
         self.grad_sync: GradSync
-        if self.sharding.sharded:
+        if self.sharding.uses_fsdp:
             units = self._sharding_units()
             assert topology.dp_group is not None, "ZeRO stages 1-3 need a data-parallel process group"
             shard_stage(
@@ -228,7 +228,7 @@ class ParallelModule(nn.Module):
         Sharded stages keep fp32 parameters: they are the optimizer's masters (FSDP2 casts them to the
         compute dtype when it gathers them). ``meta``: on the meta device, or for real (one layer) when
         its constructor cannot run there."""
-        dtype = torch.float32 if self.sharding.sharded else self.dtype
+        dtype = torch.float32 if self.sharding.uses_fsdp else self.dtype
 
         def build() -> nn.Module:
             layer = self.specs[index].build()

@@ -1,4 +1,5 @@
-"""Apply FSDP2's ``fully_shard`` to one pipeline stage's layers over the data-parallel group only.
+"""Apply FSDP2's ``fully_shard`` (or, for stage 0 in a plain loop, ``replicate``) to one pipeline stage's
+layers over the data-parallel group only.
 
 One FSDP unit per layer, so at most one layer is gathered at a time under stage 3; a weight shared by two
 layers on this rank (the tied embedding and LM head) puts both layers in one unit, which FSDP2 requires
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -54,10 +56,14 @@ def shard_stage(
         modules = list(unit)
         if not any(True for m in modules for _ in m.parameters()):
             continue
-        if len(modules) > 1:
-            fully_shard(modules, mesh=mesh, reshard_after_forward=reshard, mp_policy=mixed, offload_policy=offload)
+        target: nn.Module | list[nn.Module] = modules if len(modules) > 1 else modules[0]
+        if policy.replicate:
+            replicate(target, mesh=mesh, mp_policy=mixed, offload_policy=offload)
         else:
-            fully_shard(modules[0], mesh=mesh, reshard_after_forward=reshard, mp_policy=mixed, offload_policy=offload)
+            fully_shard(target, mesh=mesh, reshard_after_forward=reshard, mp_policy=mixed, offload_policy=offload)
         managed.extend(modules)
-    fully_shard(root, mesh=mesh, reshard_after_forward=policy.reshard, mp_policy=mixed, offload_policy=offload)
+    if policy.replicate:
+        replicate(root, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    else:
+        fully_shard(root, mesh=mesh, reshard_after_forward=policy.reshard, mp_policy=mixed, offload_policy=offload)
     return managed

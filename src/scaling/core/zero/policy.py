@@ -7,6 +7,11 @@
   to backward;
 * stage 2: as 1, but gradients are reduce-scattered after every micro-batch, so only shards accumulate;
 * stage 3: as 2, and parameters are resharded after each layer's forward, gathered again for backward.
+
+A plain PyTorch loop (``scaling.llama``) runs stage 0 through FSDP2's ``replicate`` instead of the buckets
+(``replicate=True``): there nobody calls the engine's ``finish()`` between ``loss.backward()`` and
+``optimizer.step()``, so the all-reduce must complete inside backward, and ``replicate`` also keeps fp32
+parameters (what a plain ``torch.optim`` optimizer updates) while computing in bf16/fp16.
 """
 
 from __future__ import annotations
@@ -33,14 +38,22 @@ class ShardingPolicy:
     stage: int = 0
     offload: Offload = Offload.NONE
     reshard_after_forward: ReshardAfterForward = ReshardAfterForward.AUTO
+    replicate: bool = False  # stage 0 only: FSDP2's replicate instead of the bucketed all-reduce
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.stage}")
+        if self.replicate and self.stage != 0:
+            raise ValueError(f"replicate is stage 0's alternative to the buckets; stage {self.stage} shards")
 
     @property
     def sharded(self) -> bool:
         return self.stage >= 1
+
+    @property
+    def uses_fsdp(self) -> bool:
+        """Whether FSDP2 manages the parameters (fp32 masters as DTensors, gradients reduced in backward)."""
+        return self.sharded or self.replicate
 
     @property
     def reshard(self) -> bool:

@@ -15,7 +15,9 @@ __all__ = ["assign_full", "gathered", "is_sharded", "local_part"]
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    return isinstance(tensor, DTensor)
+    """Whether ranks hold different parts of ``tensor`` (a replicated DTensor, as FSDP2's ``replicate`` makes
+    them for stage 0 in a plain loop, is whole on every rank)."""
+    return isinstance(tensor, DTensor) and any(placement.is_shard() for placement in tensor.placements)
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,263 @@
+"""``ShardedTransformer``: a sharded decoder for a plain PyTorch loop, with nothing magic besides the model.
+
+Built on the engine's own pieces: this rank's tensor-parallel slices of the layers, FSDP2 over the
+data-parallel ranks (``fully_shard`` for ZeRO 1-3, ``replicate`` for stage 0), meta-device construction
+materialised layer by layer from the seeded init recipe, and the layout-independent checkpoint format.
+So ``model.parameters()`` are the fp32 sharded masters and any ``torch.optim`` optimizer over them is
+ZeRO-sharded with no wrapper, ``loss.backward()`` reduces gradients inside backward (nobody has to call
+anything between backward and ``optimizer.step()``), and ``model.save`` writes what ``scaling generate``,
+``scaling train`` and ``pretrained=`` read.
+
+The loss is the token mean over the whole data-parallel batch, as one process would compute it on the
+concatenated batch: each rank divides its token-loss sum by the global token count (so ranks with more
+loss tokens weigh more), and the value returned is the global mean on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from scaling.core.checkpoint import load_checkpoint, save_checkpoint
+from scaling.core.checkpoint.io import CheckpointInfo
+from scaling.core.nn.comm import gather_from_tp
+from scaling.core.nn.precision import Precision, PrecisionConfig
+from scaling.core.pipeline.module import ParallelModule
+from scaling.core.topology import Topology
+from scaling.core.zero.policy import Offload, ShardingPolicy
+from scaling.transformer.data.tokenizer import Tokenizer
+from scaling.transformer.model.config import TransformerArchitectureConfig, check_against_tensor_parallel
+from scaling.transformer.model.layers import LanguageModelLoss, loss_tokens, transformer_layer_specs
+from scaling.transformer.plain.batches import normalise_batch
+from scaling.transformer.plain.optimizer_state import TorchOptimizerState
+from scaling.transformer.plain_world import plain_topology
+
+__all__ = ["PRECISIONS", "ShardedTransformer"]
+
+PRECISIONS = {
+    "bf16": Precision.BFLOAT16,
+    "bfloat16": Precision.BFLOAT16,
+    "fp16": Precision.FLOAT16,
+    "float16": Precision.FLOAT16,
+    "fp32": Precision.FLOAT32,
+    "float32": Precision.FLOAT32,
+}
+
+
+def _precision(value: str) -> Precision:
+    if value not in PRECISIONS:
+        raise ValueError(f"precision={value!r}: expected one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[value]
+
+
+class ShardedTransformer(nn.Module):
+    """The decoder of ``architecture``, sharded over this process's world, for a plain training loop.
+
+    Args:
+        architecture: the model's shape (see ``scaling.transformer.presets`` for the named ones).
+        zero_stage: 0 (replicated), 1 or 2 (sharded optimizer state and gradients), 3 (also parameters).
+            In a plain loop gradients are reduced after every backward unless inside :meth:`no_sync`, so
+            stage 1 differs from 2 only in the memory an accumulation inside ``no_sync`` holds.
+        precision: compute dtype, "bf16", "fp16" (use ``scaling.training.Scaler``) or "fp32"; the
+            parameters the optimizer sees are fp32 masters in every case.
+        tp: tensor-parallel ranks per replica; data parallel is the rest of the launched world.
+        offload: keep shards, gradients and optimizer state in CPU memory (FSDP2's CPU offload).
+        activation_checkpointing: recompute each layer's activations in backward.
+        seed: the init recipe's seed: the same seed gives the same weights on every layout.
+        tokenizer: saved with the checkpoints (a ``Tokenizer`` or a tokenizer.json path; default the
+            byte-level tokenizer ``scaling.loaders`` uses by default).
+        device: "auto" (the topology's choice: the local GPU when launched with CUDA, else CPU), "cpu",
+            "cuda", or "meta" (shapes only, no memory, no process group: counting parameters of a 70B).
+    """
+
+    def __init__(
+        self,
+        architecture: TransformerArchitectureConfig,
+        *,
+        zero_stage: int = 3,
+        precision: str = "bf16",
+        tp: int = 1,
+        offload: bool = False,
+        activation_checkpointing: bool = False,
+        seed: int = 0,
+        tokenizer: Tokenizer | str | Path | None = None,
+        device: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.architecture = architecture
+        self.precision = _precision(precision)
+        self.zero_stage = zero_stage
+        self.seed = seed
+        self._tokenizer = tokenizer
+        self._forward_calls = 0
+        self.sharding = ShardingPolicy(
+            stage=zero_stage, offload=Offload.CPU if offload else Offload.NONE, replicate=zero_stage == 0
+        )
+        if device == "meta":
+            self.topology = Topology.single(device="meta")
+            check_against_tensor_parallel(architecture, tp)
+            with torch.device("meta"):
+                layers = [spec.build() for spec in transformer_layer_specs(architecture, self.topology, seed=seed)]
+            self.transformer: nn.Module = nn.Module()
+            self.transformer.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(layers)})
+            self._engine: ParallelModule | None = None
+            return
+        self.topology = plain_topology(tp, activation_checkpointing=activation_checkpointing, device=device)
+        check_against_tensor_parallel(architecture, tp)
+        engine = ParallelModule(
+            transformer_layer_specs(architecture, self.topology, seed=seed),
+            self.topology,
+            LanguageModelLoss(self.topology),
+            seed=seed,
+            precision=PrecisionConfig(precision=self.precision),
+            weight_fn=loss_tokens,
+            sharding=self.sharding,
+            meta_init=True,
+        )
+        if any(record.partial_grad_over_tp for record in engine.param_table.values()):
+            raise ValueError("sequence parallelism is not supported in a plain loop; use `scaling train`")
+        self.transformer = engine
+        self._engine = engine
+
+    # The loop ---------------------------------------------------------------------------------------------
+    @property
+    def engine(self) -> ParallelModule:
+        if self._engine is None:
+            raise RuntimeError("a model built with device='meta' has shapes only; it cannot run or save")
+        return self._engine
+
+    @property
+    def device(self) -> torch.device:
+        return self.topology.device
+
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The loss (a scalar) when ``batch`` has targets (``targets`` or Hugging Face ``labels``), else the
+        logits ``[b, s, vocab]`` (gathered over tensor-parallel ranks)."""
+        engine = self.engine
+        inputs = normalise_batch(batch, self.device)
+        step = self._forward_calls
+        self._forward_calls += 1
+        logits = engine(inputs, chunk=0, micro=0, step=step)
+        if "targets" not in inputs:
+            return gather_from_tp(logits, self.topology.tp_group) if self.topology.tp_size > 1 else logits
+        mean, metrics = engine.loss_fn(logits, inputs)
+        return self._global_token_mean(mean * metrics["loss_tokens"], metrics["loss_tokens"])
+
+    def _global_token_mean(self, local_sum: torch.Tensor, local_tokens: torch.Tensor) -> torch.Tensor:
+        """A loss whose value is the token mean over every data-parallel rank's batch and whose gradient,
+        averaged over those ranks by FSDP2, is that mean's gradient: each rank's share of the global sum,
+        times the number of ranks the average divides by. (Summing in FSDP2 instead would need a
+        pre-multiplied reduction that gloo lacks.)"""
+        dp, group = self.topology.dp_size, self.topology.dp_group
+        tokens = local_tokens.detach().float().clone()
+        if dp > 1:
+            dist.all_reduce(tokens, group=group)
+        share = local_sum / tokens.clamp(min=1)
+        total = share.detach().clone()
+        if dp > 1:
+            dist.all_reduce(total, group=group)
+        scaled = share * dp
+        return scaled + (total - scaled).detach()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally; the first backward after the block reduces all of them at once."""
+        engine = self.engine
+        assert isinstance(engine, FSDPModule)
+        engine.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            engine.set_requires_gradient_sync(True)
+
+    def named_parameters_by_name(self) -> dict[str, nn.Parameter]:
+        """Layout-free name (``layers.{i}.{key}``, as in checkpoints) -> this rank's parameter."""
+        return self.engine.named_parameters_by_name()
+
+    def grads_for_norm(self) -> tuple[list[torch.Tensor], dist.ProcessGroup | None]:
+        """This rank's gradient parts that the global norm counts (each weight once over the world) and the
+        group to sum their squares over: every rank when shards differ over dp, else the tp group."""
+        engine = self.engine
+        params = engine.named_parameters_by_name()
+        grads = []
+        for name in engine.names_counted_in_norm():
+            grad = engine.grad_sync.grad(name)
+            if grad is not None and params[name].requires_grad:
+                grads.append(grad)
+        group = dist.group.WORLD if self.sharding.sharded else self.topology.tp_group
+        return grads, group
+
+    # Saving -------------------------------------------------------------------------------------------------
+    def _tokenizer_file(self, directory: Path) -> Path | None:
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            from_byte_level = getattr(Tokenizer, "byte_level", None)
+            if from_byte_level is None:
+                return None
+            tokenizer = from_byte_level()
+        if isinstance(tokenizer, (str, Path)):
+            return Path(tokenizer)
+        path = directory / "tokenizer.json"
+        tokenizer.tokenizer.save(str(path))
+        return path
+
+    def save(
+        self,
+        directory: str | Path,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        loader: Any | None = None,
+        step: int | None = None,
+    ) -> Path:
+        """Write ``directory/global_step{step}`` (collective: every rank calls it), one layer gathered at a
+        time; with ``optimizer`` (Adam/AdamW) and ``loader`` state (``state_dict()``) when given, so the
+        loop resumes exactly with :meth:`load`. ``step`` defaults to the optimizer's step count (0 without).
+        Returns the checkpoint directory. Never overwrites a saved checkpoint."""
+        engine = self.engine
+        state = (
+            TorchOptimizerState(optimizer, engine.named_parameters_by_name(), self.zero_stage)
+            if optimizer is not None
+            else None
+        )
+        if step is None:
+            step = max(state.steps_taken().values(), default=0) if state is not None else 0
+        config = {
+            "architecture": self.architecture.to_dict(),
+            "precision": PrecisionConfig(precision=self.precision).to_dict(),
+            "finetuning": None,
+        }
+        run_state = {"loader": loader.state_dict()} if loader is not None else None
+        with tempfile.TemporaryDirectory(prefix="scaling-save-") as scratch:
+            tokenizer = self._tokenizer_file(Path(scratch))
+            files = {"tokenizer.json": tokenizer} if tokenizer is not None else None
+            return save_checkpoint(directory, step, engine, state, config=config, run_state=run_state, files=files)
+
+    def load(
+        self, path: str | Path, *, optimizer: torch.optim.Optimizer | None = None, loader: Any | None = None
+    ) -> CheckpointInfo:
+        """Load weights (any layout and stage saved them), and the optimizer and loader state when given."""
+        engine = self.engine
+        state = (
+            TorchOptimizerState(optimizer, engine.named_parameters_by_name(), self.zero_stage)
+            if optimizer is not None
+            else None
+        )
+        info = load_checkpoint(path, engine, state)
+        if loader is not None:
+            saved = (info.manifest.get("run_state") or {}).get("loader")
+            if saved is None:
+                raise ValueError(f"{info.path} has no loader state (saved without loader=)")
+            loader.load_state_dict(saved)
+        return info
+
+    def extra_repr(self) -> str:
+        t = self.topology
+        return f"zero_stage={self.zero_stage}, precision={self.precision.value}, tp={t.tp_size}, dp={t.dp_size}"
