@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from scaling.core.data import DataFileError, MemoryMapDataset
+from scaling.transformer.data.records import Piece, encode_pieces, pieces_of
 from scaling.transformer.data.tokenizer import Tokenizer
 
 __all__ = ["FinetuningDataset", "PretrainingDataset", "collate_samples", "padded_width"]
@@ -100,7 +101,7 @@ class FinetuningDataset:
             with self.path.open(encoding="utf-8") as handle:
                 for number, line in enumerate(handle, start=1):
                     if line.strip():
-                        self.samples.append(self._encode(self._pieces(line, number), tokenizer, eos))
+                        self.samples.append(encode_pieces(self._pieces(line, number), tokenizer, eos))
         except UnicodeDecodeError as exc:
             raise DataFileError(f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         if not self.samples:
@@ -110,17 +111,7 @@ class FinetuningDataset:
     def source(self) -> str:
         return str(self.path)
 
-    @staticmethod
-    def _encode(pieces: list[tuple[str, bool]], tokenizer: Tokenizer, eos: int) -> tuple[list[int], list[float]]:
-        ids: list[int] = []
-        mask: list[float] = []
-        for text, learn in pieces:
-            encoded = tokenizer.encode(text)
-            ids += encoded
-            mask += [1.0 if learn else 0.0] * len(encoded)
-        return [*ids, eos], [*mask, 1.0]
-
-    def _pieces(self, line: str, number: int) -> list[tuple[str, bool]]:
+    def _pieces(self, line: str, number: int) -> list[Piece]:
         where = f"{self.path}:{number}"
         try:
             record = json.loads(line)
@@ -128,28 +119,7 @@ class FinetuningDataset:
             raise DataFileError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
         if not isinstance(record, dict):
             raise DataFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        if "prompt" in record or "completion" in record:
-            for field in ("prompt", "completion"):
-                if field not in record:
-                    raise DataFileError(f"{where}: no field {field!r} (a prompt/completion record needs both)")
-            return [(str(record["prompt"]), False), (str(record["completion"]), True)]
-        if "messages" in record:
-            if not isinstance(record["messages"], list):
-                raise DataFileError(f"{where}: field 'messages' is not a list")
-            pieces = []
-            for turn, message in enumerate(record["messages"]):
-                missing = [f for f in ("role", "content") if not isinstance(message, dict) or f not in message]
-                if missing:
-                    raise DataFileError(
-                        f"{where}: message {turn} has no field {missing[0]!r} "
-                        "(every message needs 'role' and 'content')"
-                    )
-                pieces.append((f"{message['role']}: ", False))
-                pieces.append((f"{message['content']}\n", message["role"] == "assistant"))
-            return pieces
-        raise DataFileError(
-            f"{where}: expected 'prompt' and 'completion', or 'messages' (fields here: {', '.join(record) or 'none'})"
-        )
+        return pieces_of(record, where)
 
     def __len__(self) -> int:
         return len(self.samples)

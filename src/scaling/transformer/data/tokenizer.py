@@ -22,6 +22,24 @@ __all__ = ["Tokenizer", "TokenizerError"]
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "[CLS]")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
+_BYTE_LEVEL_SOURCE = "<byte-level>"
+
+
+def _byte_symbols() -> list[str]:
+    """The character ``tokenizers``' ByteLevel pre-tokenizer writes for each byte value 0..255 (GPT-2's table).
+
+    Printable Latin-1 bytes stand for themselves; the 68 others (controls, space, soft hyphen...) are moved,
+    in byte order, to the characters from U+0100 on, so every byte is one visible, unambiguous symbol.
+    """
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    symbols, moved = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + moved))
+            moved += 1
+    return symbols
 
 
 class TokenizerError(DataFileError):
@@ -46,6 +64,23 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises plain Exceptions for malformed files
             raise TokenizerError(f"{path} is not a valid tokenizer.json: {exc}") from None
 
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """A tokenizer of raw UTF-8 bytes: id ``b`` is byte ``b``, then ``<|endoftext|>`` (256) and ``<pad>`` (257).
+
+        Built in code (no file, no download) and always the same, so a plain loop can tokenize any text
+        before anyone has trained or fetched a tokenizer, and it fits any model whose vocabulary has at least
+        ``vocab_size`` (258) entries. Sequences are as long as their bytes: the price of needing nothing.
+        """
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+        tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.add_special_tokens([_EOS_NAMES[0], _PAD_NAMES[0]])
+        return cls(tokenizer, _BYTE_LEVEL_SOURCE)
+
     def _find(self, names: Sequence[str]) -> int | None:
         for name in names:
             token_id = self.tokenizer.token_to_id(name)
@@ -65,7 +100,8 @@ class Tokenizer:
 
     def description(self) -> dict[str, Any]:
         """What a data file records about the tokenizer that made its ids."""
-        return {"path": str(Path(self.source).resolve()), "sha256": self.fingerprint, "vocab_size": self.vocab_size}
+        path = self.source if self.source == _BYTE_LEVEL_SOURCE else str(Path(self.source).resolve())
+        return {"path": path, "sha256": self.fingerprint, "vocab_size": self.vocab_size}
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
