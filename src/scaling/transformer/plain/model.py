@@ -16,8 +16,11 @@ loss tokens weigh more), and the value returned is the global mean on every rank
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
+import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +260,76 @@ class ShardedTransformer(nn.Module):
                 raise ValueError(f"{info.path} has no loader state (saved without loader=)")
             loader.load_state_dict(saved)
         return info
+
+    def _staging(self, beside: Path, purpose: str) -> Path:
+        """A directory every rank agrees on (rank 0 names it), next to ``beside`` so it is on the same
+        (shared) file system as the result."""
+        name = [f".{beside.name}.{purpose}-{os.getpid()}"]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(name, src=0)
+        return beside.parent / name[0]
+
+    def _on_rank_zero(self, action: Callable[[], Any]) -> Any:
+        """``action()`` on global rank 0; its result, or its error, on every rank (no rank waits forever on a
+        rank that failed, and no rank reports success for a failed export)."""
+        outcome: list[Any] = [None, None]
+        if self.topology.global_rank == 0:
+            try:
+                outcome = [action(), None]
+            except Exception as exc:  # re-raised on every rank below
+                outcome = [None, exc]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(outcome, src=0)
+        if outcome[1] is not None:
+            raise outcome[1]
+        return outcome[0]
+
+    def save_huggingface_model(self, directory: str | Path, *, dtype: str | None = None) -> Path:
+        """A Hugging Face ``LlamaForCausalLM`` folder (config, safetensors, tokenizer) that
+        ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Collective; written through a
+        ``scaling`` checkpoint (one layer gathered at a time) that is removed afterwards. ``directory`` must
+        be absent or empty: nothing already there is touched."""
+        out = Path(directory)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out} exists and is not an empty directory; refusing to overwrite it")
+        staging = self._staging(out, "checkpoint")
+        try:
+            checkpoint = self.save(staging)
+
+            def export() -> Path:
+                from scaling.transformer.convert.to_hf import save_huggingface
+
+                return save_huggingface(checkpoint, out, dtype=dtype)
+
+            result: Path = self._on_rank_zero(export)
+        finally:
+            if self.topology.global_rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+        return result
+
+    save_huggingface = save_huggingface_model
+
+    def push_to_hub(
+        self, repo_id: str, *, private: bool = True, token: str | None = None, staging_dir: str | Path | None = None
+    ) -> str:
+        """Export as :meth:`save_huggingface_model` does and upload to the Hugging Face Hub (``huggingface_hub``
+        needed; the token from ``token``, ``HF_TOKEN`` or the stored login). Returns the commit URL.
+
+        The export is staged in ``staging_dir`` (default: the system's temporary directory; with several
+        nodes it must be a shared file system, like any checkpoint directory) and removed afterwards."""
+        from scaling.transformer.convert.hub import push_to_hub
+
+        if importlib.util.find_spec("huggingface_hub") is None:  # before gathering anything
+            raise ImportError("push_to_hub needs the huggingface_hub package: pip install huggingface_hub")
+        base = Path(staging_dir) if staging_dir is not None else Path(tempfile.gettempdir())
+        folder = self._staging(base / "scaling-hub-export", "hub")
+        try:
+            self.save_huggingface_model(folder)
+            url: str = self._on_rank_zero(lambda: push_to_hub(folder, repo_id, token=token, private=private))
+        finally:
+            if self.topology.global_rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+        return url
 
     def extra_repr(self) -> str:
         t = self.topology
