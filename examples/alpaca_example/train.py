@@ -98,7 +98,7 @@ def main() -> None:
 
     # Saving: a scaling checkpoint (resumable with model.load(..., optimizer=..., loader=...), loadable by
     # `scaling generate` and `pretrained=`), and a Hugging Face folder for transformers.
-    checkpoint = model.save(out / "checkpoints", optimizer=optimizer, loader=train_loader, step=step)
+    checkpoint = model.save(out / "checkpoints", optimizer=optimizer, loader=train_loader, scaler=scaler, step=step)
     model.save_huggingface_model(out / f"hf-step{step}")
     if args.push_to_hub:
         model.push_to_hub(args.push_to_hub)

@@ -41,7 +41,9 @@ SEQ_DIM = 1
 
 
 def _size(group: dist.ProcessGroup | None) -> int:
-    if group is None and not dist.is_initialized():  # Topology.single(): no process group at all
+    # None is Topology.single()'s group: one rank, even inside an initialised world (a reference model built
+    # in a test's rank, a plain model next to a distributed job). Never the default (whole-world) group.
+    if group is None:
         return 1
     return dist.get_world_size(group)
 

@@ -218,12 +218,13 @@ class ShardedTransformer(nn.Module):
         *,
         optimizer: torch.optim.Optimizer | None = None,
         loader: Any | None = None,
+        scaler: Any | None = None,
         step: int | None = None,
     ) -> Path:
         """Write ``directory/global_step{step}`` (collective: every rank calls it), one layer gathered at a
-        time; with ``optimizer`` (Adam/AdamW) and ``loader`` state (``state_dict()``) when given, so the
-        loop resumes exactly with :meth:`load`. ``step`` defaults to the optimizer's step count (0 without).
-        Returns the checkpoint directory. Never overwrites a saved checkpoint."""
+        time; with ``optimizer`` (Adam/AdamW), ``loader`` and ``scaler`` (``scaling.training.Scaler``) state
+        when given, so the loop resumes exactly with :meth:`load`. ``step`` defaults to the optimizer's step
+        count (0 without). Returns the checkpoint directory. Never overwrites a saved checkpoint."""
         engine = self.engine
         state = (
             TorchOptimizerState(optimizer, engine.named_parameters_by_name(), self.zero_stage)
@@ -237,16 +238,25 @@ class ShardedTransformer(nn.Module):
             "precision": PrecisionConfig(precision=self.precision).to_dict(),
             "finetuning": None,
         }
-        run_state = {"loader": loader.state_dict()} if loader is not None else None
+        run_state = {
+            **({"loader": loader.state_dict()} if loader is not None else {}),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+        }
         with tempfile.TemporaryDirectory(prefix="scaling-save-") as scratch:
             tokenizer = self._tokenizer_file(Path(scratch))
             files = {"tokenizer.json": tokenizer} if tokenizer is not None else None
             return save_checkpoint(directory, step, engine, state, config=config, run_state=run_state, files=files)
 
     def load(
-        self, path: str | Path, *, optimizer: torch.optim.Optimizer | None = None, loader: Any | None = None
+        self,
+        path: str | Path,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        loader: Any | None = None,
+        scaler: Any | None = None,
     ) -> CheckpointInfo:
-        """Load weights (any layout and stage saved them), and the optimizer and loader state when given."""
+        """Load weights (any layout and stage saved them), and the optimizer, loader and scaler state when
+        given; a state asked for that the checkpoint lacks is an error, not a silent fresh start."""
         engine = self.engine
         state = (
             TorchOptimizerState(optimizer, engine.named_parameters_by_name(), self.zero_stage)
@@ -254,11 +264,12 @@ class ShardedTransformer(nn.Module):
             else None
         )
         info = load_checkpoint(path, engine, state)
-        if loader is not None:
-            saved = (info.manifest.get("run_state") or {}).get("loader")
-            if saved is None:
-                raise ValueError(f"{info.path} has no loader state (saved without loader=)")
-            loader.load_state_dict(saved)
+        for key, target in (("loader", loader), ("scaler", scaler)):
+            if target is not None:
+                saved = info.run_state.get(key)
+                if saved is None:
+                    raise ValueError(f"{info.path} has no {key} state (saved without {key}=)")
+                target.load_state_dict(saved)
         return info
 
     def _staging(self, beside: Path, purpose: str) -> Path:
