@@ -33,3 +33,23 @@ def test_readme_plain_transformer_example_trains_a_step() -> None:
     exec(compile(example, "README.md", "exec"), namespace)
     loss = namespace["loss"]
     assert isinstance(loss, torch.Tensor) and torch.isfinite(loss)
+
+
+def test_readme_plain_loop_example_runs_as_printed() -> None:
+    """The plain-loop block trains as printed, in this process (a world of one)."""
+    import torch
+
+    from scaling.transformer import plain_world
+
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    (example,) = [b for b in blocks if "from scaling.llama import" in b and "LlamaLoader(" in b]
+    plain_world.reset_plain_world()
+    namespace: dict[str, object] = {}
+    try:
+        exec(compile(example, "README.md", "exec"), namespace)
+    finally:
+        plain_world.reset_plain_world()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    loss = namespace["loss"]
+    assert isinstance(loss, torch.Tensor) and torch.isfinite(loss)

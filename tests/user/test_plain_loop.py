@@ -332,3 +332,27 @@ def test_llama70b_on_the_meta_device_has_the_real_parameter_count_and_no_memory(
     params = list(model.parameters())
     assert sum(p.numel() for p in params) == 68_976_648_192 == parameter_count(model.architecture)
     assert all(p.is_meta for p in params)
+
+
+def _push(staging: str) -> tuple[str, dict[str, Any]]:
+    _fresh_world()
+    import scaling.transformer.convert.hub as hub
+    from scaling.llama import LlamaTiny
+
+    seen: dict[str, Any] = {}
+
+    def fake_push(folder: Any, repo_id: str, *, token: Any = None, private: bool = True) -> str:
+        seen.update(repo_id=repo_id, private=private, files=sorted(p.name for p in Path(folder).iterdir()))
+        return f"https://hub.invalid/{repo_id}/commit/1"
+
+    hub.push_to_hub = fake_push  # type: ignore[assignment]  # the upload itself needs the network
+    url = LlamaTiny(zero_stage=3, precision="fp32").push_to_hub("me/alpaca-tiny", staging_dir=staging)
+    return url, seen
+
+
+def test_push_to_hub_uploads_an_exported_folder_and_cleans_up(tmp_path: Path) -> None:
+    url, seen = run_distributed(_push, 2, str(tmp_path), timeout_s=120)[0]
+    assert url.endswith("me/alpaca-tiny/commit/1")
+    assert seen["repo_id"] == "me/alpaca-tiny" and seen["private"] is True
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(seen["files"])
+    assert list(tmp_path.iterdir()) == [], "the staged export and its checkpoint are removed"
