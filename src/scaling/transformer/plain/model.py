@@ -212,6 +212,11 @@ class ShardedTransformer(nn.Module):
         tokenizer.tokenizer.save(str(path))
         return path
 
+    def _optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> TorchOptimizerState | None:
+        if optimizer is None:
+            return None
+        return TorchOptimizerState(optimizer, self.engine.named_parameters_by_name(), self.zero_stage)
+
     def save(
         self,
         directory: str | Path,
@@ -226,11 +231,7 @@ class ShardedTransformer(nn.Module):
         when given, so the loop resumes exactly with :meth:`load`. ``step`` defaults to the optimizer's step
         count (0 without). Returns the checkpoint directory. Never overwrites a saved checkpoint."""
         engine = self.engine
-        state = (
-            TorchOptimizerState(optimizer, engine.named_parameters_by_name(), self.zero_stage)
-            if optimizer is not None
-            else None
-        )
+        state = self._optimizer_state(optimizer)
         if step is None:
             step = max(state.steps_taken().values(), default=0) if state is not None else 0
         config = {
@@ -258,11 +259,7 @@ class ShardedTransformer(nn.Module):
         """Load weights (any layout and stage saved them), and the optimizer, loader and scaler state when
         given; a state asked for that the checkpoint lacks is an error, not a silent fresh start."""
         engine = self.engine
-        state = (
-            TorchOptimizerState(optimizer, engine.named_parameters_by_name(), self.zero_stage)
-            if optimizer is not None
-            else None
-        )
+        state = self._optimizer_state(optimizer)
         info = load_checkpoint(path, engine, state)
         for key, target in (("loader", loader), ("scaler", scaler)):
             if target is not None:
