@@ -86,12 +86,12 @@ def param(
         declared = Param(
             name=name,
             default=default,
-            type=Param.infer_type(default, choices) if type is None else type,
+            type=Param.infer_type(name, default, choices) if type is None else type,
             options=choices,
             description=description,
         )
     except DefinitionError as exc:
-        raise DefinitionError(f"{where}: @param: {exc}") from None
+        raise DefinitionError(f"{where}: {exc}") from None
 
     def attach(fn: F) -> F:
         if isinstance(fn, Experiment):
@@ -115,6 +115,11 @@ class Experiment(Generic[R]):
 
     Calling it calls the function unchanged; :meth:`run` is what ``scaling run`` and the tests use.
     """
+
+    # Copied from the function by functools.update_wrapper, so the object still reads as the function.
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[[Params], R]
 
     def __init__(self, fn: Callable[[Params], R], name: str, seed: int, params: Sequence[Param]) -> None:
         self._fn = fn

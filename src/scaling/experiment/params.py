@@ -203,15 +203,17 @@ class Param:
         return _expected(self.type)
 
     @staticmethod
-    def infer_type(default: object, options: Sequence[object] | None) -> ParamType:
+    def infer_type(name: str, default: object, options: Sequence[object] | None) -> ParamType:
         """The type implied by the default together with the options; raises :class:`DefinitionError`."""
         if not isinstance(default, PARAM_TYPES):
             kind = type(default).__name__
-            raise DefinitionError(f"default {default!r} ({kind}) is not an int, float, bool or str")
+            raise DefinitionError(f"parameter {name!r}: default {default!r} ({kind}) is not an int, float, bool or str")
         try:
             return _common_type([default, *(options or ())])
         except _Mismatch as exc:
-            raise DefinitionError(f"cannot infer the type from the default and options: expected {exc}") from None
+            raise DefinitionError(
+                f"parameter {name!r}: cannot infer the type from the default and options: expected {exc}"
+            ) from None
 
 
 def parse_value(param: Param, value: object, experiment: str = "") -> ParamValue:
