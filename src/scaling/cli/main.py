@@ -37,6 +37,10 @@ DELEGATED = {
         "Continue prompts with a trained checkpoint (KV-cache generation).",
         "scaling.transformer.inference.cli",
     ),
+    "build-experiments": (
+        "Write GitHub workflows (deploy, one per experiment, cancel) into .github/workflows.",
+        "scaling.experiment.workflows",
+    ),
 }
 
 
