@@ -41,6 +41,16 @@ DELEGATED = {
         "Write GitHub workflows (deploy, one per experiment, cancel) into .github/workflows.",
         "scaling.experiment.workflows",
     ),
+    "init": (
+        "Create a project that runs at once: scaling.yml, a tiny experiment, pinned env.",
+        "scaling.experiment.scaffold",
+    ),
+    "experiments": (
+        "List the project's experiments: parameters, defaults, where defined.",
+        "scaling.experiment.list_command",
+    ),
+    "run": ("Run an experiment on this machine as a recorded run (torchrun).", "scaling.experiment.run_command"),
+    "show-deploy-key": ("Print the project's SSH deploy key, creating it once.", "scaling.experiment.deploy_key"),
 }
 
 
