@@ -62,7 +62,13 @@ from scaling.core.topology.rank_math import Coord, pipe_parallel_groups, rank_of
 from scaling.core.topology.rng import RngTracker
 from scaling.core.topology.topology import Topology
 from scaling.core.zero.fully_sharded import shard_stage
-from scaling.core.zero.grad_sync import BucketedAllReduce, FullyShardedGrads, GradSync, ModelParallelSums
+from scaling.core.zero.grad_sync import (
+    BucketedAllReduce,
+    CallerReducedGrads,
+    FullyShardedGrads,
+    GradSync,
+    ModelParallelSums,
+)
 from scaling.core.zero.policy import ShardingPolicy
 from scaling.core.zero.tensors import assign_full, local_part
 
@@ -203,6 +209,8 @@ class ParallelModule(nn.Module):
             self.grad_sync = FullyShardedGrads(
                 self.named_parameters_by_name(), chunk_units, self.sharding.sync_every_micro_batch, sums
             )
+        elif self.sharding.reduced_by_caller:
+            self.grad_sync = CallerReducedGrads(self.named_parameters_by_name(), sums)
         else:
             reducer = GradReducer(
                 self.named_parameters_canonical(),

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import FSDPModule
 from scaling.core.pipeline.grad_reduce import GradReducer
 from scaling.core.zero.tensors import local_part
 
-__all__ = ["BucketedAllReduce", "FullyShardedGrads", "GradSync", "ModelParallelSums"]
+__all__ = ["BucketedAllReduce", "CallerReducedGrads", "FullyShardedGrads", "GradSync", "ModelParallelSums"]
 
 
 class GradSync(Protocol):
@@ -129,3 +129,27 @@ class FullyShardedGrads:
     def grad(self, name: str) -> torch.Tensor | None:
         p = self._params.get(name)
         return None if p is None or p.grad is None else local_part(p.grad)
+
+
+class CallerReducedGrads:
+    """Stage 0 when the caller reduces over data-parallel ranks (``DistributedDataParallel`` around the
+    module in a plain loop): gradients are the parameters' own ``.grad``; only the model-parallel sums are
+    left to :meth:`finish`."""
+
+    def __init__(self, params: Mapping[str, nn.Parameter], sums: ModelParallelSums) -> None:
+        self._params = dict(params)
+        self.sums = sums
+
+    def start(self, n_micro: int) -> None:
+        for p in self._params.values():
+            p.grad = None
+
+    def before_backward(self, chunk: int, last: bool) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.sums.apply(self.grad)
+
+    def grad(self, name: str) -> torch.Tensor | None:
+        p = self._params.get(name)
+        return None if p is None else p.grad

@@ -8,10 +8,11 @@
 * stage 2: as 1, but gradients are reduce-scattered after every micro-batch, so only shards accumulate;
 * stage 3: as 2, and parameters are resharded after each layer's forward, gathered again for backward.
 
-A plain PyTorch loop (``scaling.llama``) runs stage 0 through FSDP2's ``replicate`` instead of the buckets
-(``replicate=True``): there nobody calls the engine's ``finish()`` between ``loss.backward()`` and
-``optimizer.step()``, so the all-reduce must complete inside backward, and ``replicate`` also keeps fp32
-parameters (what a plain ``torch.optim`` optimizer updates) while computing in bf16/fp16.
+A plain PyTorch loop (``scaling.llama``) cannot use the buckets at stage 0: nobody calls the engine's
+``finish()`` between ``loss.backward()`` and ``optimizer.step()``, so the all-reduce must complete inside
+backward. In bf16/fp16 it runs FSDP2's ``replicate`` (``replicate=True``), which keeps fp32 parameters (what a
+plain ``torch.optim`` optimizer updates) while computing in the narrow dtype; in fp32 the caller wraps the
+module in ``DistributedDataParallel`` (``reduced_by_caller=True``), whose in-place buckets are faster.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ class ShardingPolicy:
     offload: Offload = Offload.NONE
     reshard_after_forward: ReshardAfterForward = ReshardAfterForward.AUTO
     replicate: bool = False  # stage 0 only: FSDP2's replicate instead of the bucketed all-reduce
+    reduced_by_caller: bool = False  # stage 0 only: no reduction here (the caller's DDP does it)
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.stage}")
-        if self.replicate and self.stage != 0:
-            raise ValueError(f"replicate is stage 0's alternative to the buckets; stage {self.stage} shards")
+        if (self.replicate or self.reduced_by_caller) and self.stage != 0:
+            raise ValueError(f"replicate and reduced_by_caller are stage 0's alternatives; stage {self.stage} shards")
+        if self.replicate and self.reduced_by_caller:
+            raise ValueError("replicate and reduced_by_caller exclude each other")
 
     @property
     def sharded(self) -> bool:

@@ -1,7 +1,8 @@
 """``ShardedTransformer``: a sharded decoder for a plain PyTorch loop, with nothing magic besides the model.
 
 Built on the engine's own pieces: this rank's tensor-parallel slices of the layers, FSDP2 over the
-data-parallel ranks (``fully_shard`` for ZeRO 1-3, ``replicate`` for stage 0), meta-device construction
+data-parallel ranks (``fully_shard`` for ZeRO 1-3; at stage 0 ``DistributedDataParallel`` in fp32 and FSDP2's
+``replicate`` in bf16/fp16, which keeps fp32 masters as the parameters), meta-device construction
 materialised layer by layer from the seeded init recipe, and the layout-independent checkpoint format.
 So ``model.parameters()`` are the fp32 sharded masters and any ``torch.optim`` optimizer over them is
 ZeRO-sharded with no wrapper, ``loss.backward()`` reduces gradients inside backward (nobody has to call
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 
 from scaling.core.checkpoint import load_checkpoint, save_checkpoint
 from scaling.core.checkpoint.io import CheckpointInfo
@@ -101,8 +103,14 @@ class ShardedTransformer(nn.Module):
         self.seed = seed
         self._tokenizer = tokenizer
         self._forward_calls = 0
+        # Stage 0: DistributedDataParallel's in-place buckets in fp32 (the fastest replicated reduction);
+        # FSDP2's replicate in bf16/fp16, where the fp32 masters must be the parameters the optimizer sees.
+        ddp = zero_stage == 0 and self.precision == Precision.FLOAT32 and not offload
         self.sharding = ShardingPolicy(
-            stage=zero_stage, offload=Offload.CPU if offload else Offload.NONE, replicate=zero_stage == 0
+            stage=zero_stage,
+            offload=Offload.CPU if offload else Offload.NONE,
+            replicate=zero_stage == 0 and not ddp,
+            reduced_by_caller=ddp,
         )
         if device == "meta":
             self.topology = Topology.single(device="meta")
@@ -123,12 +131,19 @@ class ShardedTransformer(nn.Module):
             precision=PrecisionConfig(precision=self.precision),
             weight_fn=loss_tokens,
             sharding=self.sharding,
-            meta_init=True,
+            meta_init=self.sharding.uses_fsdp,
         )
         if any(record.partial_grad_over_tp for record in engine.param_table.values()):
             raise ValueError("sequence parallelism is not supported in a plain loop; use `scaling train`")
         self.transformer = engine
         self._engine = engine
+        self._ddp: DistributedDataParallel | None = None
+        if ddp and self.topology.dp_size > 1:
+            # Not a registered submodule: the parameters are the engine's, listed once, under its names.
+            wrapped = DistributedDataParallel(
+                engine, process_group=self.topology.dp_group, gradient_as_bucket_view=True, broadcast_buffers=False
+            )
+            object.__setattr__(self, "_ddp", wrapped)
 
     # The loop ---------------------------------------------------------------------------------------------
     @property
@@ -148,7 +163,8 @@ class ShardedTransformer(nn.Module):
         inputs = normalise_batch(batch, self.device)
         step = self._forward_calls
         self._forward_calls += 1
-        logits = engine(inputs, chunk=0, micro=0, step=step)
+        run = self._ddp if self._ddp is not None else engine
+        logits = run(inputs, chunk=0, micro=0, step=step)
         if "targets" not in inputs:
             return gather_from_tp(logits, self.topology.tp_group) if self.topology.tp_size > 1 else logits
         mean, metrics = engine.loss_fn(logits, inputs)
@@ -174,7 +190,13 @@ class ShardedTransformer(nn.Module):
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally; the first backward after the block reduces all of them at once."""
         engine = self.engine
-        assert isinstance(engine, FSDPModule)
+        if self._ddp is not None:
+            with self._ddp.no_sync():
+                yield
+            return
+        if not isinstance(engine, FSDPModule):  # one data-parallel rank: nothing to defer
+            yield
+            return
         engine.set_requires_gradient_sync(False)
         try:
             yield
