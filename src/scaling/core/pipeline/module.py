@@ -126,6 +126,8 @@ class ParallelModule(nn.Module):
             layout, bit for bit.
     """
 
+    instruction_hook: Callable[[int, Instruction], None] | None = None  # (step, instr): the trainer's heartbeat
+
     def __init__(
         self,
         layer_specs: Sequence[LayerSpec],
@@ -515,6 +517,8 @@ class ParallelModule(nn.Module):
         for position, instr in enumerate(schedule):
             key = (instr.micro, instr.chunk)
             virtual = instr.chunk * self.pp + self.stage
+            if self.instruction_hook is not None:  # a hang then names the instruction it stopped in
+                self.instruction_hook(step, instr)
             match instr:
                 case RecvActivation(micro, chunk):
                     received[key] = self._recv_activation(chunk)

@@ -7,6 +7,10 @@ of a step (data, forward/backward, optimizer, evaluation, save); a thread warns 
 twice, four times... that long while it stays stuck. The thread also notices when this process's parent
 (the launcher) is gone and sends this process SIGTERM, so it stops like on any SIGTERM (a fallback where
 the kernel's parent-death signal is not available).
+
+Given a :class:`~scaling.core.trainer.hang.HangWatchdog`, the watchdog also starts and stops it and passes
+each beat on to its heartbeat: the warning says "this rank waits", the hang watchdog ends a run in which no
+rank progresses and names the rank(s) that did not arrive.
 """
 
 from __future__ import annotations
@@ -17,10 +21,16 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from scaling.core.logging import get_logger
 
-__all__ = ["StallWatchdog"]
+if TYPE_CHECKING:
+    from scaling.core.trainer.hang import HangWatchdog
+
+__all__ = ["SLOW_PHASES", "StallWatchdog"]
+
+SLOW_PHASES = frozenset({"save", "rollback"})  # may last long without events (files): a longer hang limit
 
 _logger = get_logger("scaling.trainer.watchdog")
 
@@ -35,6 +45,7 @@ class StallWatchdog:
         warn: where warnings go (the logger's ``warning`` by default; tests pass their own).
         watch_parent: also stop (SIGTERM to this process) when the parent exits; for launched ranks only, a
             process started by hand (``nohup``) must outlive its shell.
+        hang: started and stopped with this watchdog; every beat reaches its heartbeat.
     """
 
     def __init__(
@@ -45,6 +56,7 @@ class StallWatchdog:
         collective_timeout_s: float | None = None,
         warn: Callable[[str], None] | None = None,
         watch_parent: bool = False,
+        hang: HangWatchdog | None = None,
     ) -> None:
         self.warn_after_s = warn_after_s
         self.where = where
@@ -56,14 +68,19 @@ class StallWatchdog:
         self._thread: threading.Thread | None = None
         self._parent = os.getppid() if watch_parent else None
         self.warnings = 0  # how many were given, for callers and tests
+        self.hang = hang
 
     def beat(self, phase: str, step: int) -> None:
         """This rank made progress and now enters ``phase`` of ``step`` (cheap: three assignments)."""
         self._phase, self._step = phase, step
         self._last_beat = time.monotonic()
+        if self.hang is not None:
+            self.hang.heartbeat.beat(phase, step, slow=phase in SLOW_PHASES)
 
     def start(self) -> StallWatchdog:
         self._last_beat = time.monotonic()
+        if self.hang is not None:
+            self.hang.start()
         self._thread = threading.Thread(target=self._watch, name="scaling-stall-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -73,6 +90,8 @@ class StallWatchdog:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if self.hang is not None:
+            self.hang.stop()
 
     def __enter__(self) -> StallWatchdog:
         return self.start()
@@ -103,7 +122,12 @@ class StallWatchdog:
             f"{self.where} has made no progress for {idle_s:.0f} s in step {self._step}, phase {self._phase}: "
             "it is waiting, probably in a collective for another rank that stopped or is slow"
         )
-        if self.collective_timeout_s is not None:
+        if self.hang is not None:
+            text += (
+                f"; the run ends when no rank has progressed for {self.hang.timeout_s:.0f} s (trainer.hang_timeout_s, "
+                "longer while saving)"
+            )
+        elif self.collective_timeout_s is not None:
             text += (
                 f"; the run fails when the collective times out ({self.collective_timeout_s:.0f} s after it "
                 "began, topology.collective_timeout_s)"
