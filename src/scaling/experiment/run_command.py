@@ -1,4 +1,5 @@
-"""``scaling run EXPERIMENT [--param NAME=VALUE ...] [--nproc N] [--run-name NAME] [--force-new] [--project DIR]``.
+"""``scaling run EXPERIMENT [--param NAME=VALUE ...] [--nproc N] [--max-restarts N] [--run-name NAME] [--force-new]
+[--project DIR]``.
 
 Runs an experiment on this machine through torchrun, as a recorded run (see :mod:`scaling.experiment.records`):
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -50,10 +52,14 @@ from scaling.experiment.records import (
 
 __all__ = ["PreparedRun", "experiment_help", "main", "prepare_run", "worker_command"]
 
-_USAGE = "{prog} EXPERIMENT [--param NAME=VALUE ...] [--nproc N] [--run-name NAME] [--force-new] [--project DIR]"
+_USAGE = (
+    "{prog} EXPERIMENT [--param NAME=VALUE ...] [--nproc N] [--max-restarts N] [--run-name NAME] [--force-new] "
+    "[--project DIR]"
+)
 _OPTIONS = (
     ("--param NAME=VALUE", "Set a parameter of the experiment (repeat for several)."),
     ("--nproc N", "Processes to start on this machine (default: processes_per_node of scaling.yml)."),
+    ("--max-restarts N", "Restart all ranks up to N times when one fails (torchrun); they resume from a checkpoint."),
     ("--run-name NAME", "Name of the run (default EXPERIMENT-YYYYmmdd-HHMMSS); an unfinished run resumes."),
     ("--force-new", "Start a new run (NAME-2, ...) even where a run of that name exists."),
     ("--project DIR", "The project (or a folder inside it); default the current directory."),
@@ -78,10 +84,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("experiment", nargs="?", metavar="EXPERIMENT", help="Name of the experiment to run.")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help=_OPTIONS[0][1])
     parser.add_argument("--nproc", type=int, metavar="N", help=_OPTIONS[1][1])
-    parser.add_argument("--run-name", metavar="NAME", help=_OPTIONS[2][1])
-    parser.add_argument("--force-new", action="store_true", help=_OPTIONS[3][1])
-    parser.add_argument("--project", metavar="DIR", help=_OPTIONS[4][1])
-    parser.add_argument("-h", "--help", action="store_true", help=_OPTIONS[5][1])
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="N", help=_OPTIONS[2][1])
+    parser.add_argument("--run-name", metavar="NAME", help=_OPTIONS[3][1])
+    parser.add_argument("--force-new", action="store_true", help=_OPTIONS[4][1])
+    parser.add_argument("--project", metavar="DIR", help=_OPTIONS[5][1])
+    parser.add_argument("-h", "--help", action="store_true", help=_OPTIONS[6][1])
     return parser
 
 
@@ -131,6 +138,7 @@ class PreparedRun:
     seed: int
     nproc: int
     command: list[str]
+    max_restarts: int = 0  # torchrun restarts every rank this many times at most when one fails
 
 
 def _resumed_params(experiment: Experiment[Any], plan: RunPlan, given: Mapping[str, str]) -> dict[str, ParamValue]:
@@ -158,6 +166,8 @@ def prepare_run(
     nproc = project.config.processes_per_node if args.nproc is None else args.nproc
     if nproc < 1:
         raise CommandError(f"--nproc {nproc}: expected at least 1 process")
+    if args.max_restarts < 0:
+        raise CommandError(f"--max-restarts {args.max_restarts}: expected 0 or more")
     try:
         plan = plan_run(
             project.root / project.config.runs_dir / experiment.name,
@@ -171,13 +181,14 @@ def prepare_run(
             params, seed = _resumed_params(experiment, plan, given), int(plan.previous.get("seed", experiment.seed))
     except (ParamError, RecordError) as exc:
         raise CommandError(str(exc)) from None
-    return PreparedRun(project, experiment, plan, params, seed, nproc, command)
+    return PreparedRun(project, experiment, plan, params, seed, nproc, command, args.max_restarts)
 
 
 def worker_command(run: PreparedRun) -> list[str]:
     """torchrun on this machine: ``nproc`` ranks of ``scaling.experiment.worker`` for this run directory."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.nproc}",
+        f"--max-restarts={run.max_restarts}",
         "-m", "scaling.experiment.worker",
         "--project", str(run.project.root), "--experiment", run.experiment.name, "--run-dir", str(run.plan.run_dir),
     ]  # fmt: skip
@@ -280,6 +291,8 @@ def launch(run: PreparedRun, prog: str = "scaling run") -> int:
             where = f"on {run.nproc} process(es) in {run_dir}"
             print(f"{prog}: {verb} run {run.plan.run_name} of {run.experiment.name} {where}")
             code, status = 1, "failed"  # what the record says if starting the processes raises
+            if run.max_restarts:  # a fresh rendezvous store per attempt: none of the dead attempt's addresses
+                os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
             try:
                 code, status = _supervise(worker_command(run), run.project.root)
             finally:

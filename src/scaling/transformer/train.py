@@ -22,6 +22,7 @@ from scaling.core.logging import MetricsLogger, configure_logging
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
 from scaling.core.runner import launch
+from scaling.core.runner.restarts import add_restarts_argument, restart_overrides
 from scaling.core.runner.worker import BAD_INPUT_ERRORS, one_line, run_as_worker
 from scaling.core.topology import RngTracker, Topology, init_distributed, shutdown_distributed
 from scaling.core.trainer import Trainer, TrainingContext
@@ -198,7 +199,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "scaling train") -> int:
     parser.add_argument("config", help="YAML config (see `scaling config template --class "
                         "scaling.transformer.config:TransformerConfig`).")  # fmt: skip
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE")
+    add_restarts_argument(parser)
     args = parser.parse_args(argv)
+    args.override += restart_overrides(args)  # --max-restarts N is -o runner.max_restarts=N
     if "RANK" in os.environ:  # a rank of a launched world
         rank = int(os.environ["RANK"])
         return run_as_worker(
@@ -216,7 +219,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "scaling train") -> int:
     except BAD_INPUT_ERRORS as exc:
         print(f"{prog}: {one_line(exc)}", file=sys.stderr)
         return 2
-    if config.topology.n_ranks > 1:
+    if config.topology.n_ranks > 1 or config.runner.max_restarts > 0:  # torchrun restarts even one rank
         script_args = [args.config, *[a for o in args.override for a in ("-o", o)]]
         runner = config.runner.model_copy(
             update={"script": "scaling.transformer.train", "module": True, "script_args": script_args}

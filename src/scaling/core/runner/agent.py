@@ -10,11 +10,17 @@ inside a process that
   first failure once (the rank and the cause; the traceback only for errors that are not bad input) and
   exits with that rank's code, 2 for bad input, instead of torchrun's per-rank tracebacks and summary;
 * turns a graceful stop (SIGTERM, SIGINT: the workers save and return) into exit code 0 without torchrun's
-  ``SignalException`` traceback.
+  ``SignalException`` traceback;
+* restarts (``--max-restarts N``) only what a restart can mend: after a rank dies or crashes it prints one
+  line naming the rank and the cause and torchrun starts the world again (each rank resumes from the newest
+  complete checkpoint, see ``scaling.core.runner.restarts``); bad input (exit code 2) is not retried, it
+  would fail the same way. The launcher's start time goes to the workers (``SCALING_JOB_START``) for goodput.
 
 torchrun's own log lines are silenced unless ``LOGLEVEL`` is set (torchrun's own switch for them). After a
-failure or a signal, ranks that have not exited get SIGKILL after ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds
-(torchrun's setting, default 30): a graceful stop must save within it.
+signal, ranks that have not exited get SIGKILL after ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (torchrun's
+setting, default 30): a graceful stop must save within it. After a rank's failure the others get SIGTERM and,
+``FAILURE_GRACE_S`` later at most, SIGKILL: without the failed rank no step and no checkpoint can complete
+(collectives would only wait for it), so the world stops within seconds, to restart or to report.
 """
 
 from __future__ import annotations
@@ -25,14 +31,18 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from scaling.core.runner.lifetime import AGENT_PID_ENV, die_with_parent
 from scaling.core.runner.reports import REPORT_DIR_ENV, WorkerReport, done_ranks, read_reports
+from scaling.core.runner.restarts import JOB_START_ENV
 
-__all__ = ["main", "summarize_failure"]
+__all__ = ["FAILURE_GRACE_S", "main", "summarize_failure"]
+
+FAILURE_GRACE_S = 3  # seconds the survivors of a failed rank get between SIGTERM and SIGKILL
 
 
 def _quiet_torchrun() -> None:
@@ -50,16 +60,21 @@ def summarize_failure(reports: Sequence[WorkerReport], exits: Mapping[int, tuple
     ``exits`` are the ranks torchrun saw fail: exit code (negative: killed by that signal) and when. An error a
     rank raised itself explains the failure best; then a rank that died without a word (killed, out of memory)
     before the others reported (one killed later was killed by torchrun's own shutdown); the errors of
-    collectives, which only say that a peer went away or timed out, come last.
+    collectives, which only say that a peer went away or timed out, come last. A rank killed by SIGTERM is the
+    last suspect: that is how torchrun stops the ranks still running once one has failed.
     """
     own = [r for r in reports if not r.collective]
     if own:
         return _format(own[0]), own[0].exit_code
     reported = {r.rank for r in reports}
     first_report = min((r.time for r in reports), default=float("inf"))
-    silent = sorted((rank, code, when) for rank, (code, when) in exits.items() if rank not in reported)
+    silent = sorted(
+        ((rank, code, when) for rank, (code, when) in exits.items() if rank not in reported),
+        key=lambda item: (item[1] == -signal.SIGTERM, item[2], item[0]),
+    )
     for rank, code, when in silent:
-        if code < 0 and when <= int(first_report) + 1:  # torchrun's times are whole seconds
+        early = not reports or when <= int(first_report) + 1  # torchrun's times are whole seconds
+        if code < 0 and code != -signal.SIGTERM and early:
             return f"rank {rank} was killed by {signal.Signals(-code).name}", 1
     if reports:
         return _format(reports[0]), reports[0].exit_code
@@ -126,7 +141,8 @@ def _use_shutdown_timeout_everywhere(seconds: int) -> None:
     if hasattr(LocalElasticAgent, "_stop_workers") and hasattr(LocalElasticAgent, "_shutdown"):
 
         def stop_workers(self: Any, worker_group: Any) -> None:
-            self._shutdown(timeout=seconds)
+            # Only a failed world (before a restart or the final report) is stopped here; signals go to _shutdown.
+            self._shutdown(timeout=min(seconds, FAILURE_GRACE_S))
 
         LocalElasticAgent._stop_workers = stop_workers  # type: ignore[method-assign]
     close = PContext.close
@@ -135,6 +151,38 @@ def _use_shutdown_timeout_everywhere(seconds: int) -> None:
         close(self, death_sig, min(timeout, seconds))
 
     PContext.close = close_within  # type: ignore[method-assign]
+
+
+def _announce_restarts(directory: Path) -> None:
+    """Before torchrun restarts a failed world: one line naming the rank and the cause; no restart for bad
+    input (exit code 2), which would fail again the same way. A no-op where torch's internals differ."""
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    if not hasattr(LocalElasticAgent, "_monitor_workers"):
+        return
+    monitor = LocalElasticAgent._monitor_workers
+
+    def monitor_and_announce(self: Any, worker_group: Any) -> Any:
+        result = monitor(self, worker_group)
+        remaining = getattr(self, "_remaining_restarts", 0)
+        if result.state in {WorkerState.FAILED, WorkerState.UNHEALTHY} and remaining > 0:
+            exits = {rank: (f.exitcode, float(f.timestamp)) for rank, f in (result.failures or {}).items()}
+            message, code = summarize_failure(read_reports(directory), exits)
+            if code == 2:
+                self._remaining_restarts = 0  # bad input: report it now instead of repeating it
+            else:
+                done = worker_group.spec.max_restarts - remaining + 1
+                cause = message.splitlines()[-1] if message else "a rank failed"
+                print(
+                    f"{cause}; restarting the world from the last checkpoint (restart {done} of "
+                    f"{worker_group.spec.max_restarts})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return result
+
+    LocalElasticAgent._monitor_workers = monitor_and_announce  # type: ignore[method-assign]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,6 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="scaling-run-"))
     os.environ[REPORT_DIR_ENV] = str(directory)  # the workers inherit this environment
     os.environ[AGENT_PID_ENV] = str(os.getpid())
+    os.environ[JOB_START_ENV] = str(time.time())  # the workers of every attempt inherit it: the job's wall time
+    _announce_restarts(directory)
+    if getattr(args, "max_restarts", 0):
+        # torchrun keeps one rendezvous store for all attempts, so a restarted world could read the addresses
+        # its predecessors left there (gloo: "connection refused"); a fresh store per attempt has none.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(args)  # type: ignore[no-untyped-call]
         return 0

@@ -1,4 +1,5 @@
-"""``python -m scaling.core.runner CONFIG [-o key.path=value ...] [--dry-run]`` (also ``scaling launch``).
+"""``python -m scaling.core.runner CONFIG [-o key.path=value ...] [--max-restarts N] [--dry-run]`` (also
+``scaling launch``).
 
 The config file is any run config with a ``runner:`` section and a ``topology:`` section (for the world
 size); other sections belong to the launched script and are ignored here.
@@ -18,6 +19,7 @@ from scaling.core.config import BaseConfig, ConfigError, apply_overrides
 from scaling.core.logging.config import LoggerConfig
 from scaling.core.runner.config import RunnerConfig
 from scaling.core.runner.launch import launch
+from scaling.core.runner.restarts import add_restarts_argument, restart_overrides
 from scaling.core.topology.config import TopologyConfig
 
 __all__ = ["load_launch_configs", "main"]
@@ -74,9 +76,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m scaling.core.
         "-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE", help="Override a config field."
     )
     parser.add_argument("--dry-run", action="store_true", help="Print the commands instead of running them.")
+    add_restarts_argument(parser)
     args = parser.parse_args(argv)
     try:
-        runner, topology, logger = load_launch_configs(args.config, args.override)
+        runner, topology, logger = load_launch_configs(args.config, [*args.override, *restart_overrides(args)])
         return launch(runner, topology.n_ranks, dry_run=args.dry_run, log_dir=logger.log_dir)
     except ConfigError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
