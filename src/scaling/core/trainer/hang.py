@@ -57,6 +57,7 @@ __all__ = ["HANG_EXIT_CODE", "HangWatchdog", "culprits", "hang_line", "hang_watc
 HANG_EXIT_CODE = 1
 _logger = get_logger("scaling.trainer.hang")
 _MAX_NAMED = 4  # ranks described in the one line; the files have all of them
+_SILENT = "stopped responding"
 
 
 def culprits(views: Mapping[int, Mapping[str, Any]], responsive: set[int], world_size: int) -> dict[int, str]:
@@ -66,7 +67,7 @@ def culprits(views: Mapping[int, Mapping[str, Any]], responsive: set[int], world
     the ranks whose publications continued while the run stood still.
     """
     missing = {r: "never published a heartbeat" for r in range(world_size) if r not in views}
-    silent = {r: "stopped responding" for r in views if r not in responsive}
+    silent = {r: _SILENT for r in views if r not in responsive}
     if missing or silent:
         return dict(sorted({**missing, **silent}.items()))
     busy = {r: "is busy outside any collective" for r, v in views.items() if not v.get("in_collective")}
@@ -100,7 +101,8 @@ def hang_line(
             view = views.get(rank, {})
             where = view.get("where", f"rank {rank}")
             doing = view.get("doing")
-            parts.append(f"{where} {how}" + (f" ({doing})" if doing else ""))
+            seen = "last seen: " if rank in views and how == _SILENT else ""  # published up to poll_s before
+            parts.append(f"{where} {how}" + (f" ({seen}{doing})" if doing else ""))
         if len(named) > _MAX_NAMED:
             parts.append(f"and {len(named) - _MAX_NAMED} more")
         noun = "rank" if len(named) == 1 else "ranks"
