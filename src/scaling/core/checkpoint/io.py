@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -203,20 +203,58 @@ def save_checkpoint(
     state) raises ``CheckpointError`` naming the file or parameter on every rank, and removes the
     ``.incomplete`` directory: earlier checkpoints are untouched and nothing is published.
     """
+    writes = begin_save(save_dir, step, module, files)
+    write_state(writes, module, optimizer, weights=weights, rank_state=rank_state)
+    manifest = manifest_of(step, module, optimizer, weights=weights, config=config, run_state=run_state)
+    return publish(writes, Path(save_dir), manifest, files=files, keep_last=keep_last, rank=module.topology.global_rank)
+
+
+class TensorSink(Protocol):
+    """Where a save sends each file's tensors: written at once (``SaveWrites``), or kept as host copies to be
+    written later by a background writer (:mod:`scaling.core.checkpoint.async_save`)."""
+
+    @property
+    def work(self) -> Path: ...
+
+    def tensors(
+        self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], label: Callable[[str], str]
+    ) -> None: ...
+
+
+def begin_save(
+    save_dir: str | Path, step: int, module: ParallelModule, files: Mapping[str, str | Path] | None
+) -> SaveWrites:
+    """The checks before a save and rank 0's empty ``.incomplete`` directory; collective (the outcome is
+    agreed over the default group). Raises ``CheckpointError`` on every rank when the save cannot start."""
     save_dir = Path(save_dir)
     for name in files or {}:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise CheckpointError(f"checkpoint file name {name!r} must be a plain relative name")
-    topo = module.topology
     final, work = step_dir(save_dir, step), incomplete_dir(save_dir, step)
     unpublished = final.exists() and _is_unpublished(save_dir, step)
     if final.exists() and not unpublished:
         raise CheckpointError(f"{final} already exists; refusing to overwrite a saved checkpoint")
     writes = SaveWrites(work, step)
-    if topo.global_rank == 0:
+    if module.topology.global_rank == 0:
         writes.guard(work, _prepare, save_dir, step, unpublished)
     if (error := first_error(writes.error)) is not None:
         raise CheckpointError(error)
+    return writes
+
+
+def write_state(
+    sink: TensorSink,
+    module: ParallelModule,
+    optimizer: CheckpointOptimizer | None,
+    *,
+    weights: Literal["all", "trainable"],
+    rank_state: Mapping[str, torch.Tensor] | None,
+) -> None:
+    """Send this rank's files (per-layer weights and optimizer state, its rank state) to ``sink``.
+
+    Collective: tensor-parallel slices and ZeRO shards are gathered here, so an asynchronous save runs this
+    in the training step and leaves only local work (files, checksums) to its writer.
+    """
 
     def weights_of(name: str, p: torch.Tensor) -> dict[str, torch.Tensor] | None:
         if weights != "all" and not p.requires_grad:
@@ -225,7 +263,7 @@ def save_checkpoint(
         # every stage, so a checkpoint's weights do not depend on the ZeRO stage that saved them.
         return {"": gathered(p.detach()).to(module.dtype)}
 
-    _save_per_layer(writes, module, weights_of, model_layer_file)
+    _save_per_layer(sink, module, weights_of, model_layer_file)
     if optimizer is not None:
         steps = optimizer.steps_taken()
         slot_of = {name: slot.key for slot in optimizer.slots for name in slot.names}
@@ -236,44 +274,82 @@ def save_checkpoint(
                 return None
             return {f".{k}": v for k, v in optimizer.parameter_state(name).items()}  # gathered over dp
 
-        _save_per_layer(writes, module, optimizer_state_of, optimizer_layer_file, extra=steps_of)
+        _save_per_layer(sink, module, optimizer_state_of, optimizer_layer_file, extra=steps_of)
     if rank_state:
-        state_file = rank_state_file(work, topo.global_rank)
-        writes.tensors(state_file, dict(rank_state), {}, lambda key: f"rank state {key!r}")
-    every_rank: list[tuple[dict[str, str], str | None] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, (writes.digests, writes.error))  # also the barrier: every rank wrote
+        state_file = rank_state_file(sink.work, module.topology.global_rank)
+        sink.tensors(state_file, dict(rank_state), {}, lambda key: f"rank state {key!r}")
+
+
+def manifest_of(
+    step: int,
+    module: ParallelModule,
+    optimizer: CheckpointOptimizer | None,
+    *,
+    weights: Literal["all", "trainable"],
+    config: Mapping[str, Any] | None,
+    run_state: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest of a save, without its checksums; taken when the tensors are (the loss scaler moves on)."""
+    return {
+        "version": FORMAT_VERSION,
+        "step": step,
+        "topology": _topology_record(module),
+        "weights": weights,
+        "optimizer": None
+        if optimizer is None
+        else {
+            "zero": optimizer.sharded,
+            "zero_stage": optimizer.zero_stage,
+            "loss_scaler": optimizer.scaler.state_dict() if optimizer.scaler else None,
+        },
+        "config": dict(config) if config is not None else None,
+        "run_state": dict(run_state) if run_state is not None else None,
+    }
+
+
+def publish(
+    writes: SaveWrites,
+    save_dir: Path,
+    manifest: dict[str, Any],
+    *,
+    files: Mapping[str, str | Path | bytes] | None,
+    keep_last: int | None,
+    rank: int,
+    group: dist.ProcessGroup | None = None,
+) -> Path:
+    """After this rank's files are written: agree that every rank finished, then rank 0 writes the manifest
+    and publishes (rename, ``latest``, retention). Collective over ``group`` (the default one unless a
+    background writer brings its own), which must hold every rank; ``rank`` is the global rank. ``files``:
+    name -> file to copy, or its bytes (read when a background save started: the caller may delete it).
+    """
+    step = writes.step
+    work = writes.work
+    every_rank: list[tuple[dict[str, str], str | None] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every_rank, (writes.digests, writes.error), group=group)  # also the barrier
     error = next((part[1] for part in every_rank if part is not None and part[1] is not None), None)
-    if error is None and topo.global_rank == 0:
+    if error is None and rank == 0:
         checksums = {name: digest for part in every_rank if part is not None for name, digest in part[0].items()}
         for name, source in (files or {}).items():
-            writes.guard(work / name, shutil.copyfile, source, work / name)
+            writes.guard(work / name, _place, source, work / name)
             if writes.error is None:
                 checksums[name] = file_digest(work / name)
-        manifest = {
-            "version": FORMAT_VERSION,
-            "step": step,
-            "topology": _topology_record(module),
-            "weights": weights,
-            "optimizer": None
-            if optimizer is None
-            else {
-                "zero": optimizer.sharded,
-                "zero_stage": optimizer.zero_stage,
-                "loss_scaler": optimizer.scaler.state_dict() if optimizer.scaler else None,
-            },
-            "config": dict(config) if config is not None else None,
-            "run_state": dict(run_state) if run_state is not None else None,
-            "checksums": checksums,
-        }
-        writes.guard(work / MANIFEST, write_json, work / MANIFEST, manifest)
+        full = {**manifest, "checksums": checksums}
+        writes.guard(work / MANIFEST, write_json, work / MANIFEST, full)
         if writes.error is None:
             writes.guard(save_dir / LATEST, _commit, save_dir, step, keep_last)
         error = writes.error
-    if topo.global_rank == 0 and error is not None:
+    if rank == 0 and error is not None:
         shutil.rmtree(work, ignore_errors=True)  # never published: nothing saved before is touched
-    if (error := first_error(error)) is not None:
+    if (error := first_error(error, group)) is not None:
         raise CheckpointError(error)
-    return final
+    return step_dir(save_dir, step)
+
+
+def _place(source: str | Path | bytes, target: Path) -> None:
+    if isinstance(source, bytes):
+        target.write_bytes(source)
+    else:
+        shutil.copyfile(source, target)
 
 
 def _prepare(save_dir: Path, step: int, unpublished: bool) -> None:
@@ -288,7 +364,7 @@ def _prepare(save_dir: Path, step: int, unpublished: bool) -> None:
 
 
 def _save_per_layer(
-    writes: SaveWrites,
+    writes: TensorSink,
     module: ParallelModule,
     tensors_for: Any,
     file_of: Any,

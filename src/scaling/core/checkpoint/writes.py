@@ -55,8 +55,8 @@ class SaveWrites:
             return None
 
 
-def first_error(error: str | None) -> str | None:
-    """The failure of the lowest rank that had one, on every rank (collective)."""
-    every_rank: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, error)
+def first_error(error: str | None, group: dist.ProcessGroup | None = None) -> str | None:
+    """The failure of the lowest rank that had one, on every rank (collective over ``group``, all ranks)."""
+    every_rank: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every_rank, error, group=group)
     return next((e for e in every_rank if e is not None), None)
