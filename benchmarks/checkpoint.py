@@ -9,6 +9,14 @@ the same tensors (model state dict + the optimizer's per-parameter states) to th
 fsyncs every file (a crash must not lose a published checkpoint); plain ``torch.save`` does not, so the
 table also shows ``torch.save`` followed by an fsync. Target: within 1.5x in time, about the same bytes.
 
+Stall: what a save costs the training loop. The same model trains (one micro-batch per step) and saves
+every few steps, once synchronously (``save_checkpoint``) and once in the background
+(``AsyncCheckpointer``, as ``trainer.async_save: true`` does); the stall is the saving step's time minus the
+median step time without a save. The background save's later cost is shown too: the extra time of the
+steps that run while its writer is busy (on CPU the writer competes for the same cores), and when it is
+published. Target: asynchronous stall <= 10% of the synchronous one. ``--device cuda`` measures pinned
+device-to-host copies (NCCL default group, the writer's gloo group beside it).
+
 Data: a memory-mapped corpus of random tokens is read through ``TokenWindowDataset`` and the
 ``DistributedDataLoader`` (one process, one thread); tokens/s counts input tokens delivered. Target:
 above 1M tokens/s.
@@ -29,6 +37,7 @@ import torch
 from torch import nn
 
 from scaling.core.checkpoint import load_checkpoint, save_checkpoint
+from scaling.core.checkpoint.async_save import AsyncCheckpointer
 from scaling.core.data import DistributedDataLoader, MemoryMapDataset, MemoryMapWriter, TokenWindowDataset
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
@@ -102,6 +111,87 @@ def _checkpoint_bench(directory: str, layers: int, hidden: int, repeats: int) ->
     return result
 
 
+def _timed_step(module: ParallelModule, optimizer: Optimizer, batch: torch.Tensor, step: int) -> float:
+    start = time.perf_counter()
+    module.train_step([batch])
+    optimizer.step(step)
+    _sync(batch.device)
+    return time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stall_bench(directory: str, layers: int, hidden: int, repeats: int, device: str) -> dict[str, float]:
+    """Median stall of a synchronous and of a background save, with the background save's later costs."""
+    torch.set_num_threads(1)
+    root = Path(directory)
+    topo = Topology(TopologyConfig(), device=device)
+    module = ParallelModule([LayerSpec(Block, (hidden,)) for _ in range(layers)], topo, _loss)
+    optimizer = Optimizer.for_module(module, OptimizerConfig())
+    batch = torch.randn(8, hidden, device=topo.device)
+    step = 0
+    for _ in range(3):  # warm-up: allocations, the optimizer state
+        _timed_step(module, optimizer, batch, step)
+        step += 1
+    plain = []
+    for _ in range(10):
+        plain.append(_timed_step(module, optimizer, batch, step))
+        step += 1
+    base = float(np.median(plain))
+    saver = AsyncCheckpointer()
+    sync_stall, async_stall, tail, tail_steps, published = [], [], [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _timed_step(module, optimizer, batch, step)
+        step += 1
+        save_checkpoint(root / "sync", step, module, optimizer, keep_last=1)
+        sync_stall.append(time.perf_counter() - start - base)
+        start = time.perf_counter()
+        _timed_step(module, optimizer, batch, step)
+        step += 1
+        saver.save(root / "async", step, module, optimizer, keep_last=1)
+        _sync(topo.device)  # the copies to host count in full, although a GPU would overlap part of them
+        async_stall.append(time.perf_counter() - start - base)
+        extra, steps = 0.0, 0
+        while saver.in_flight is not None and steps < 10_000:
+            extra += _timed_step(module, optimizer, batch, step) - base
+            step += 1
+            steps += 1
+        saver.wait()
+        published.append(time.perf_counter() - start)
+        tail.append(extra)
+        tail_steps.append(steps)
+    return {
+        "parameters_m": sum(p.numel() for p in module.parameters()) / 1e6,
+        "checkpoint_mib": _size(next((root / "async").glob("global_step*"))) / 2**20,
+        "step_s": base,
+        "sync_stall_s": float(np.median(sync_stall)),
+        "async_stall_s": float(np.median(async_stall)),
+        "async_tail_s": float(np.median(tail)),
+        "async_tail_steps": float(np.median(tail_steps)),
+        "async_published_s": float(np.median(published)),
+    }
+
+
+def _print_stall(r: dict[str, float], device: str) -> None:
+    ratio = r["async_stall_s"] / r["sync_stall_s"]
+    print(
+        f"\nstep-time stall of a save: {r['parameters_m']:.1f}M parameters, {r['checkpoint_mib']:.0f} MiB per "
+        f"checkpoint, {device}, step {r['step_s'] * 1e3:.1f} ms without a save"
+    )
+    print(f"{'':38}{'synchronous':>12}{'asynchronous':>14}")
+    print(f"{'stall of the saving step (s)':38}{r['sync_stall_s']:>12.3f}{r['async_stall_s']:>14.3f}")
+    print(f"{'later steps slowed by the writer (s)':38}{'-':>12}{r['async_tail_s']:>14.3f}")
+    print(f"{'  over this many steps':38}{'-':>12}{r['async_tail_steps']:>14.0f}")
+    print(f"{'published after (s)':38}{r['sync_stall_s'] + r['step_s']:>12.3f}{r['async_published_s']:>14.3f}")
+    print(
+        f"asynchronous stall / synchronous stall: {ratio:.3f} (target <= 0.10: {'met' if ratio <= 0.10 else 'NOT met'})"
+    )
+
+
 def _loader_bench(prefix: str, sequence: int, micro: int, steps: int) -> float:
     torch.set_num_threads(1)
     topo = Topology(TopologyConfig(micro_batch_size=micro, gradient_accumulation_steps=4))
@@ -119,7 +209,27 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stall-only", action="store_true", help="only the synchronous/asynchronous stall")
+    parser.add_argument("--stall-layers", type=int, default=8)
+    parser.add_argument("--stall-hidden", type=int, default=512)
+    parser.add_argument("--device", default="cpu", help="where the stall benchmark trains: cpu or cuda")
     args = parser.parse_args()
+    backend = "nccl" if args.device.startswith("cuda") else "gloo"
+    with tempfile.TemporaryDirectory(prefix="scaling-bench-") as tmp:
+        stall = run_distributed(
+            _stall_bench,
+            1,
+            tmp,
+            args.stall_layers,
+            args.stall_hidden,
+            args.repeats,
+            args.device,
+            timeout_s=1200,
+            backend=backend,
+        )[0]
+        _print_stall(stall, args.device)
+    if args.stall_only:
+        return
     with tempfile.TemporaryDirectory(prefix="scaling-bench-") as tmp:
         r = run_distributed(_checkpoint_bench, 1, tmp, args.layers, args.hidden, args.repeats, timeout_s=1200)[0]
         print(f"checkpoint of {r['parameters_m']:.1f}M parameters (weights + fp32 master + 2 Adam moments)")
