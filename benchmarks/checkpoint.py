@@ -14,7 +14,8 @@ every few steps, once synchronously (``save_checkpoint``) and once in the backgr
 (``AsyncCheckpointer``, as ``trainer.async_save: true`` does); the stall is the saving step's time minus the
 median step time without a save. The background save's later cost is shown too: the extra time of the
 steps that run while its writer is busy (on CPU the writer competes for the same cores), and when it is
-published. Target: asynchronous stall <= 10% of the synchronous one. ``--device cuda`` measures pinned
+published. Medians over ``--repeats``: the first background save also allocates the host buffers the
+later ones reuse. Target: asynchronous stall <= 10% of the synchronous one. ``--device cuda`` measures pinned
 device-to-host copies (NCCL default group, the writer's gloo group beside it).
 
 Data: a memory-mapped corpus of random tokens is read through ``TokenWindowDataset`` and the

@@ -47,16 +47,33 @@ _logger = get_logger("scaling.checkpoint")
 _File = tuple[Path, dict[str, torch.Tensor], dict[str, str], Callable[[str], str]]
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+class _HostBuffers:
+    """Host tensors kept from one save for the next, by shape and dtype: a fresh allocation costs page faults
+    (and ``cudaHostAlloc`` when pinned) that would land in the training step. Holds one checkpoint's worth."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[torch.Size, torch.dtype, bool], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()  # taken by the step, given back by the writer
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((shape, dtype, pinned))
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pinned)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault((tensor.shape, tensor.dtype, tensor.is_pinned()), []).append(tensor)
+
+
+def _to_host(tensor: torch.Tensor, buffers: _HostBuffers) -> torch.Tensor:
     """A host copy the training step can no longer change: pinned and not waited for when on a GPU (the
-    writer waits, see :meth:`HostCopies.replay`), a plain clone when already on the host."""
+    writer waits, see :meth:`HostCopies.replay`), a plain copy when already on the host."""
     tensor = tensor.detach()
-    if tensor.device.type == "cpu":
-        return tensor.clone(memory_format=torch.contiguous_format)
-    if tensor.device.type != "cuda":
-        return tensor.to("cpu").contiguous()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
+    on_gpu = tensor.device.type == "cuda"
+    host = buffers.take(tensor.shape, tensor.dtype, pinned=on_gpu)
+    host.copy_(tensor, non_blocking=on_gpu)
     return host
 
 
@@ -73,8 +90,9 @@ class HostCopies:
     """A :class:`~scaling.core.checkpoint.io.TensorSink` that keeps host copies of a rank's files instead of
     writing them; :meth:`replay` writes them later, from any thread."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, buffers: _HostBuffers | None = None) -> None:
         self.work = work
+        self._buffers = buffers if buffers is not None else _HostBuffers()
         self.files: list[_File] = []
         self._from_device = False
         self._copied: torch.cuda.Event | None = None
@@ -83,7 +101,7 @@ class HostCopies:
         self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], label: Callable[[str], str]
     ) -> None:
         self._from_device = self._from_device or any(t.device.type == "cuda" for t in tensors.values())
-        self.files.append((path, {key: _to_host(t) for key, t in tensors.items()}, dict(metadata), label))
+        self.files.append((path, {k: _to_host(t, self._buffers) for k, t in tensors.items()}, dict(metadata), label))
 
     def seal(self) -> None:
         """Mark the end of the copies on the current CUDA stream (nothing to mark on the host)."""
@@ -96,9 +114,11 @@ class HostCopies:
         if self._copied is not None:
             self._copied.synchronize()
         self.files.reverse()
-        while self.files:  # each file's host memory goes back as soon as it is written
+        while self.files:
             path, tensors, metadata, label = self.files.pop()
             writes.tensors(path, tensors, metadata, label)
+            for tensor in tensors.values():  # written (or failed): the next save copies into it
+                self._buffers.give(tensor)
 
 
 class AsyncCheckpointer:
@@ -114,6 +134,7 @@ class AsyncCheckpointer:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._in_flight_step: int | None = None
+        self._buffers = _HostBuffers()
         self.last_published: Path | None = None
 
     @property
@@ -155,7 +176,7 @@ class AsyncCheckpointer:
             )
             return self.last_published
         writes = begin_save(save_dir, step, module, files)
-        copies = HostCopies(writes.work)
+        copies = HostCopies(writes.work, self._buffers)
         write_state(copies, module, optimizer, weights=weights, rank_state=rank_state)
         manifest = manifest_of(step, module, optimizer, weights=weights, config=config, run_state=run_state)
         copies.seal()
