@@ -188,6 +188,9 @@ class HangWatchdog:
         self._recording = ExitStack()
         self._record = record
         self.line: str | None = None  # the one line, on the rank that reported it (for tests)
+        self._store_timeout_s = max(5.0, 4 * self.poll_s)
+        self._in_store_since: float | None = None  # a store op in flight since (a TCPStore whose host stopped
+        self._reporting = threading.Lock()  # blocks it for good: the guard thread then reports without it)
 
     @classmethod
     def for_world(
@@ -231,6 +234,8 @@ class HangWatchdog:
             self._publish()
         self._thread = threading.Thread(target=self._watch, name="scaling-hang-watchdog", daemon=True)
         self._thread.start()
+        guard = threading.Thread(target=self._guard, name="scaling-hang-store-guard", daemon=True)
+        guard.start()
         return self
 
     def stop(self) -> None:
@@ -248,11 +253,14 @@ class HangWatchdog:
             now = time.monotonic()
             progress = self.heartbeat.progress
             try:
+                self._in_store_since = now
                 self._publish()
                 seen = self._store.add(self._key("progress"), progress - self._published)
                 self._published, store_ok = progress, True
                 declared = self._store.check([self._key("declared")])
-            except Exception:  # the store's host is gone or stopped: judge by this rank's progress alone
+                self._in_store_since = None
+            except Exception:
+                self._in_store_since = None  # the store's host is gone or stopped: judge by this rank's progress alone
                 seen, store_ok, declared = total, False, False
                 if progress != own:
                     changed_at = now
@@ -266,7 +274,23 @@ class HangWatchdog:
                 self._report(now - changed_at, store_ok)
                 return
 
+    def _guard(self) -> None:
+        """Report without the store when a store op has blocked past its timeout while this rank made no
+        progress for the hang limit (TCPStore clients do not time out every op when the host is stopped)."""
+        own, changed_at = self.heartbeat.progress, time.monotonic()
+        while not self._stopped.wait(self.poll_s):
+            now = time.monotonic()
+            if self.heartbeat.progress != own:
+                own, changed_at = self.heartbeat.progress, now
+            since = self._in_store_since
+            limit = self.slow_timeout_s if self.heartbeat.slow else self.timeout_s
+            if since is not None and now - since > self._store_timeout_s and now - changed_at >= limit:
+                self._report(now - changed_at, store_ok=False)
+                return
+
     def _report(self, idle_s: float, store_ok: bool) -> None:
+        if not self._reporting.acquire(blocking=False):
+            return  # the other thread reports
         views: dict[int, dict[str, Any]] = {}
         responsive = {self.rank}
         reporter = True
@@ -302,11 +326,13 @@ class HangWatchdog:
             for rank in named:
                 if rank not in responsive:
                     self._write_for(rank, line, views)
-            self._wait_for("dumped", len(responsive), 10.0)
+            if store_ok:  # without the store nobody else can be waited for (its ops may block for good)
+                self._wait_for("dumped", len(responsive), 10.0)
             self.line = line
             self._deliver(line)
-            with suppress(Exception):
-                self._store.set(self._key("reported"), "1")
+            if store_ok:
+                with suppress(Exception):
+                    self._store.set(self._key("reported"), "1")
         else:
             self._wait_for("reported", 1, 20.0)  # the reporter must hand its line over before this rank exits
         self._on_hang(HANG_EXIT_CODE)
