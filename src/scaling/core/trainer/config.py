@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from scaling.core.config import BaseConfig, InvalidCombination
+from scaling.core.trainer.spikes import SpikeConfig
 
 __all__ = ["TrainerConfig"]
 
@@ -23,6 +24,12 @@ class TrainerConfig(BaseConfig):
     )
     keep_last_n_checkpoints: int | None = Field(
         None, ge=1, description="Delete older checkpoints beyond the newest N; keep all when unset."
+    )
+    async_save: bool = Field(
+        False,
+        description="Write interval checkpoints in the background: the step only copies this rank's shards to "
+        "host memory, a writer thread writes and publishes them while training continues (at most one in "
+        "flight). The final save and a save on SIGTERM/SIGINT stay synchronous.",
     )
     load_dir: Path | None = Field(
         None,
@@ -60,12 +67,25 @@ class TrainerConfig(BaseConfig):
         "progress for this many seconds: it is usually waiting for a stopped or slow rank, and fails only "
         "when topology.collective_timeout_s passes.",
     )
+    hang_timeout_s: float | None = Field(
+        60.0,
+        gt=0,
+        description="When no rank makes progress for this many seconds (topology.collective_timeout_s while "
+        "saving), every rank writes its stacks and recent pipeline instructions and collectives to "
+        "<save_dir or log_dir>/hang/rank_N.txt and the run exits with one line naming the rank(s) that did not "
+        "arrive. Unset: no hang detection (the run fails when a collective times out).",
+    )
     max_consecutive_skips: int = Field(
         5,
         ge=1,
         description="Stop the run after this many steps in a row with a non-finite loss or gradient norm "
         "(skipped, not applied). fp16 overflows follow the loss scaler instead: only one at its minimum "
         "scale stops the run.",
+    )
+    spikes: SpikeConfig = Field(
+        default_factory=SpikeConfig,
+        description="Loss and gradient-norm spikes, what each bad step does (skip, rollback, abort), how many "
+        "stop the run, and the bad-batch ledger.",
     )
 
     @model_validator(mode="after")
@@ -74,4 +94,6 @@ class TrainerConfig(BaseConfig):
             raise InvalidCombination("save_interval is set but save_dir is not", "save_dir")
         if self.assert_checkpoint_loaded and self.load_dir is None:
             raise InvalidCombination("assert_checkpoint_loaded needs load_dir", "load_dir")
+        if self.spikes.uses_rollback and self.save_dir is None and self.load_dir is None:
+            raise InvalidCombination("a 'rollback' policy in trainer.spikes needs save_dir (or load_dir)", "save_dir")
         return self

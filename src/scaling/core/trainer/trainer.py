@@ -5,8 +5,10 @@ norm (before and after clipping), loss scale, skipped steps, step time, samples/
 rank that holds the metrics (last pipeline stage, dp 0, tp 0); global rank 0 prints one progress line to
 the console and, when stderr is a terminal, draws a progress bar (see :mod:`scaling.core.trainer.console`).
 Steps with a non-finite loss or gradient norm are skipped and counted, and stop the run when they do not
-end (:mod:`scaling.core.trainer.nonfinite`). On SIGTERM or SIGINT the loop finishes the current
-step, saves a checkpoint and returns; all ranks agree on stopping through one tiny all-reduce per step.
+end (:mod:`scaling.core.trainer.nonfinite`); spikes, the policy per kind of bad step (skip, rollback,
+abort) and the bad-batch ledger are :mod:`scaling.core.trainer.spikes`. On SIGTERM or SIGINT the loop
+finishes the current step, saves a checkpoint and returns; all ranks agree on stopping through one tiny
+all-reduce per step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,6 +30,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from scaling.core.checkpoint import check_save_dir, load_checkpoint, save_checkpoint
+from scaling.core.checkpoint.async_save import AsyncCheckpointer
 from scaling.core.checkpoint.discovery import verify_checkpoint
 from scaling.core.checkpoint.preflight import expected_checkpoint_bytes
 from scaling.core.checkpoint.resume import continues_to, resume_source
@@ -35,11 +39,15 @@ from scaling.core.data.loader import DistributedDataLoader
 from scaling.core.logging import MetricsLogger, get_logger
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
+from scaling.core.runner.goodput import GoodputClock
+from scaling.core.runner.restarts import resume_after_restart
 from scaling.core.topology.rng import RngTracker
 from scaling.core.trainer.config import TrainerConfig
 from scaling.core.trainer.console import parameter_counts, progress_line, startup_block
 from scaling.core.trainer.context import TrainingContext
+from scaling.core.trainer.hang import hang_watchdog
 from scaling.core.trainer.nonfinite import StepHealth
+from scaling.core.trainer.spikes import StepGuard, for_health
 from scaling.core.trainer.watchdog import StallWatchdog
 from scaling.core.zero.memory import estimate_memory, format_memory_line, param_sizes
 from scaling.core.zero.policy import Offload
@@ -67,7 +75,7 @@ class Trainer:
         rng_tracker: RngTracker | None = None,
         checkpoint_files: Mapping[str, str | Path] | None = None,
     ) -> None:
-        self.config = config
+        self.config = resume_after_restart(config)  # a restarted attempt (--max-restarts) continues from save_dir
         self.context = context
         self.module = module
         self.optimizer = optimizer
@@ -81,6 +89,7 @@ class Trainer:
         self._stop_requested = False
         self.stop_signal: int | None = None  # the signal that asked this rank to stop, if one did
         self.history: list[dict[str, float]] = []  # what was logged, for callers and tests
+        self._saver: AsyncCheckpointer | None = None  # trainer.async_save: created by run() on every rank
 
     # Checkpoints -----------------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, torch.Tensor]:
@@ -94,10 +103,12 @@ class Trainer:
         """Facts of the whole run, stored once in the manifest: samples consumed and the data seed."""
         return {"data": self.train_data.state_dict()}
 
-    def save(self) -> None:
+    def save(self, background: bool = False) -> None:
+        """Save the current step; ``background`` (with ``async_save``) returns once host copies are taken."""
         if self.config.save_dir is None:
             return
-        save_checkpoint(
+        saver = partial(self._saver.save, background=background) if self._saver is not None else save_checkpoint
+        saver(
             self.config.save_dir,
             self.context.step,
             self.module,
@@ -159,7 +170,7 @@ class Trainer:
             )
         return self._source
 
-    def load(self) -> bool:
+    def load(self, source: Path | None = None, mode: str | None = None) -> bool:
         """Restore as configured; returns whether a checkpoint was loaded.
 
         Only a ``load_dir`` that does not exist or holds nothing a checkpoint leaves means "start fresh"
@@ -168,14 +179,17 @@ class Trainer:
         from the manifest (one global value, so any number of data-parallel ranks resumes at the same
         sample; older checkpoints: from the rank state). Random streams: see
         :func:`~scaling.core.checkpoint.io.saved_rank_for`; a rank with no saved stream keeps the ones it
-        was initialised with from the seed and its coordinates.
+        was initialised with from the seed and its coordinates. ``source`` and ``mode`` (a rollback): instead
+        of the resume source and ``trainer.load``.
         """
-        source = self._resume_source()
+        if self._saver is not None:
+            self._saver.wait()  # a reload (rollback) sees the save in flight published
+        source = self._resume_source() if source is None else source
         if source is None:
             if self.config.load_dir is not None:
                 _logger.info("no checkpoint in %s yet: starting from scratch", self.config.load_dir)
             return False
-        mode = self.config.load
+        mode = self.config.load if mode is None else mode
         info = load_checkpoint(
             source,
             self.module,
@@ -225,7 +239,13 @@ class Trainer:
             where,
             collective_timeout_s=topo.config.collective_timeout_s,
             watch_parent="RANK" in os.environ,
+            hang=hang_watchdog(self.config.hang_timeout_s, where, self.module, self._run_dir(), topo),
         ).start()
+
+    def _run_dir(self) -> Path:
+        """Where a run's own reports go (hang dumps): ``save_dir``, else the log directory, else the cwd."""
+        log_dir = getattr(getattr(self.context.config, "logger", None), "log_dir", None)
+        return Path(self.config.save_dir or log_dir or ".")
 
     # The loop --------------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -297,6 +317,8 @@ class Trainer:
         """
         if not self._prepare_checkpoints():  # resume and save_dir checks, then the load
             return self.context  # the checkpoint already reached train_iterations
+        if self.config.async_save and self.config.save_dir is not None and self._saver is None:
+            self._saver = AsyncCheckpointer()  # collective: its own gloo group for the writer's agreement
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._request_stop)
@@ -305,6 +327,8 @@ class Trainer:
         is_console_rank = topo.global_rank == 0
         health = StepHealth(self.config.max_consecutive_skips, announce=is_console_rank)
         loss_scaling = self.optimizer.scaler is not None
+        guard = StepGuard.for_run(self.config.spikes, self.config.save_dir, loss_scaling=loss_scaling,
+                                  announce=is_console_rank)  # fmt: skip
         self._announce_start()
         progress = None
         redirect = contextlib.ExitStack()
@@ -312,19 +336,26 @@ class Trainer:
             progress = tqdm(total=self.config.train_iterations, initial=self.context.step, desc="training")
             redirect.enter_context(logging_redirect_tqdm([get_logger()]))
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0  # since the last console line
+        goodput = GoodputClock.for_attempt(self.metrics.config.log_dir if self.metrics else None, self.context.step)
         try:
             while self.context.step < self.config.train_iterations:
                 step = self.context.step
                 start = time.perf_counter()
                 watchdog.beat("data", step)
+                guard.step_over_bad_batches(self.train_data)  # batches in the bad-batch ledger are not replayed
                 batches = self.train_data.next_batches()
                 watchdog.beat("forward/backward", step)
                 result = self.module.train_step(batches, step=step, loss_scale=self.optimizer.loss_scale)
                 watchdog.beat("optimizer", step)
-                update = self.optimizer.step(step, result.loss)
+                with guard.learning_rate(self.optimizer, step):  # lowered for a while after a rollback
+                    update = self.optimizer.step(step, guard.loss_for_update(result.loss, self.module, self.optimizer))
                 self.context.step += 1
                 self.context.consumed_samples = self.train_data.consumed
-                diverged = health.record(self.context.step, update, result.loss, loss_scaling=loss_scaling)
+                event = guard.judge(self.context.step, update, result.loss)  # spikes and non-finite steps
+                diverged = health.record(self.context.step, for_health(update, event), result.loss,
+                                         loss_scaling=loss_scaling)  # fmt: skip
+                if event is not None:
+                    diverged = guard.record(event, self.train_data) or diverged  # ledger; abort, max_events
                 seconds = time.perf_counter() - start
                 tokens = _tokens_in(batches) * topo.dp_size
                 window_steps, window_tokens = window_steps + 1, window_tokens + tokens
@@ -339,10 +370,12 @@ class Trainer:
                         "grad_norm_clipped": float(update.grad_norm_clipped),
                         "loss_scale": update.loss_scale,
                         "skipped": float(update.skipped),
-                        "skipped_steps": float(health.skipped_steps),
+                        "skipped_steps": float(health.skipped_steps + guard.spike_skips),
+                        **guard.metrics(),  # skipped, rolled-back and spike events (scaling.core.trainer.spikes)
                         "step_time_s": seconds,
                         "samples_per_s": topo.config.global_batch / seconds,
                         "tokens_per_s": tokens / seconds,
+                        **goodput.metrics(),  # time lost to restarts (scaling.core.runner.goodput)
                         **{f"lr/{name}": lr for name, lr in update.learning_rates.items()},
                         **{k: float(v) for k, v in result.metrics.items()},
                     }
@@ -371,13 +404,18 @@ class Trainer:
                             seconds_per_step=per_step,
                             tokens_per_s=window_tokens / elapsed if window_tokens else None,
                             samples_per_s=window_steps * topo.config.global_batch / elapsed,
-                            skipped_steps=health.skipped_steps,
+                            skipped_steps=health.skipped_steps + guard.spike_skips,
                             eval_loss=eval_loss,
                         ),
                     )
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
                 if diverged is not None:
                     raise diverged
+                if event is not None and event.action == "rollback":
+                    watchdog.beat("rollback", step)
+                    self.load(guard.rollback_source(self.config.save_dir, self._resume_source(), event), "everything")
+                    guard.rolled_back(self.context.step)
+                    continue
                 watchdog.beat("end-of-step all-reduce", step)
                 stop = self._all_agree_to_stop()
                 at_interval = (
@@ -385,10 +423,12 @@ class Trainer:
                 )
                 if at_interval or stop or last:
                     watchdog.beat("save", step)
-                    self.save()
+                    self.save(background=at_interval and not (stop or last))  # final/signal saves: synchronous
                 if stop:
                     break
         finally:
+            if self._saver is not None:
+                self._saver.close()  # the save in flight finishes (or fails, logged) before the run returns
             watchdog.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
