@@ -254,10 +254,7 @@ def test_tiny_is_llama_shaped_and_survives_a_hugging_face_round_trip() -> None:
 def test_tiny_vocabulary_holds_the_byte_level_tokenizer() -> None:
     from scaling.transformer.data.tokenizer import Tokenizer
 
-    byte_level = getattr(Tokenizer, "byte_level", None)
-    if byte_level is None:
-        pytest.skip("Tokenizer.byte_level() is not written yet")
-    assert byte_level().vocab_size <= PRESETS["tiny"].vocab_size
+    assert Tokenizer.byte_level().vocab_size <= PRESETS["tiny"].vocab_size
 
 
 def test_overrides_return_a_validated_copy() -> None:

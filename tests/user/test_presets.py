@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from scaling.core.testing import run_distributed
-
-transformers = pytest.importorskip("transformers")
 
 PROBE = torch.tensor([[3, 17, 99, 260, 5, 41, 7, 300], [1, 2, 3, 4, 5, 6, 7, 8]])
 

@@ -221,13 +221,8 @@ class ShardedTransformer(nn.Module):
         return grads, group
 
     # Saving -------------------------------------------------------------------------------------------------
-    def _tokenizer_file(self, directory: Path) -> Path | None:
-        tokenizer = self._tokenizer
-        if tokenizer is None:
-            from_byte_level = getattr(Tokenizer, "byte_level", None)
-            if from_byte_level is None:
-                return None
-            tokenizer = from_byte_level()
+    def _tokenizer_file(self, directory: Path) -> Path:
+        tokenizer = self._tokenizer if self._tokenizer is not None else Tokenizer.byte_level()
         if isinstance(tokenizer, (str, Path)):
             return Path(tokenizer)
         path = directory / "tokenizer.json"
@@ -266,8 +261,8 @@ class ShardedTransformer(nn.Module):
             **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         }
         with tempfile.TemporaryDirectory(prefix="scaling-save-") as scratch:
-            tokenizer = self._tokenizer_file(Path(scratch))
-            files = {"tokenizer.json": tokenizer} if tokenizer is not None else None
+            files = {"tokenizer.json": self._tokenizer_file(Path(scratch))}
+
             return save_checkpoint(directory, step, engine, state, config=config, run_state=run_state, files=files)
 
     def load(
