@@ -51,6 +51,14 @@ DELEGATED = {
     ),
     "run": ("Run an experiment on this machine as a recorded run (torchrun).", "scaling.experiment.run_command"),
     "show-deploy-key": ("Print the project's SSH deploy key, creating it once.", "scaling.experiment.deploy_key"),
+    "nodes": (
+        "Set up, check or run a command on the project's hosts over SSH (setup, check, exec).",
+        "scaling.cluster.nodes.command",
+    ),
+    "queue": (
+        "Queue experiments on Slurm and follow them (submit, list, status, logs, cancel).",
+        "scaling.cluster.queue.command",
+    ),
 }
 
 
