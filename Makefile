@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scaling-installed-$(shell cat pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install example test check lint typecheck clean
+.PHONY: install services example test check lint typecheck clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ install: $(STAMP)
 example: $(STAMP)
 	$(PY) -m examples.transformer_example.run
 
-test: $(STAMP)
+# Debian packages the cluster tests drive for real (Slurm, munge, sshd); the tests start and stop their own daemons.
+services:
+	@.ci/install-services
+
+test: $(STAMP) services
 	$(PY) -m pytest -q --durations=25
 
 check: $(STAMP)
