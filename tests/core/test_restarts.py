@@ -79,7 +79,15 @@ def test_goodput_is_the_fraction_of_wall_time_not_lost(tmp_path: Path, monkeypat
     monkeypatch.setenv(JOB_START_ENV, "100")
     monkeypatch.setenv(RESTART_COUNT_ENV, "0")
     clean = GoodputClock.for_attempt(tmp_path, 0, now=101.0)
-    assert clean.metrics(now=200.0) == {"goodput": 1.0, "lost_to_restarts_s": 0.0, "restarts": 0.0, "wall_time": 200.0}
+    assert clean.metrics(now=200.0) == {
+        "goodput": 1.0,
+        "wall_s": 100.0,
+        "lost_to_restarts_s": 0.0,
+        "lost_to_rollbacks_s": 0.0,
+        "lost_to_checkpoints_s": 0.0,
+        "restarts": 0.0,
+        "wall_time": 200.0,
+    }
     _write_metrics(tmp_path / "metrics.jsonl", [{"step": 2, "wall_time": 110.0, "step_time_s": 1.0, "restarts": 0}])
     monkeypatch.setenv(RESTART_COUNT_ENV, "1")
     restarted = GoodputClock.for_attempt(tmp_path, 2, now=130.0)  # 20 s lost: from step 2's record to now

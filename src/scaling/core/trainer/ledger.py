@@ -51,6 +51,7 @@ class BadBatch:
     loss: float
     grad_norm: float
     threshold: float | None = None
+    layer_grad_norms: dict[str, dict[str, float]] | None = None  # {step: {layer: norm}}: the steps up to the event
 
 
 def global_sample_indices(loader: DistributedDataLoader, position: int) -> list[int]:

@@ -82,6 +82,13 @@ class SpikeConfig(BaseConfig):
         0.5, gt=0.0, le=1.0, description="After a rollback, multiply the learning rate by this..."
     )
     rollback_lr_steps: int = Field(100, ge=0, description="...for this many steps from the checkpoint's step.")
+    layer_norm_steps: int = Field(
+        3,
+        ge=0,
+        description="Per-layer gradient norms of this many steps before an event go into its ledger entry, and "
+        "the event's step and this many steps after it log them (layer_grad_norm/<layer>); 0: not measured "
+        "(saves one small all-reduce per step).",
+    )
     ledger: Path | None = Field(
         None,
         description="The bad-batch ledger (JSON lines), read at start and appended to at every event; "
@@ -260,10 +267,15 @@ class StepGuard:
         self._recent.append((self._executed, event))
         return event
 
-    def record(self, event: StepEvent, loader: DistributedDataLoader) -> TrainingDiverged | None:
-        """Write ``event``'s batch (read by ``loader`` just before) to the ledger; returns the error that stops
-        the run when the policy is ``abort`` or ``max_events`` is reached (the caller logs the step, then
-        raises it)."""
+    def record(
+        self,
+        event: StepEvent,
+        loader: DistributedDataLoader,
+        layer_grad_norms: dict[str, dict[str, float]] | None = None,
+    ) -> TrainingDiverged | None:
+        """Write ``event``'s batch (read by ``loader`` just before) and the per-layer norms of the steps up to
+        it to the ledger; returns the error that stops the run when the policy is ``abort`` or ``max_events``
+        is reached (the caller logs the step, then raises it)."""
         position = loader.consumed - loader.global_batch
         entry = BadBatch(
             step=event.step,
@@ -276,6 +288,7 @@ class StepGuard:
             loss=event.loss,
             grad_norm=event.grad_norm,
             threshold=event.threshold,
+            layer_grad_norms=layer_grad_norms or None,
         )
         self.ledger.add(entry)
         if self._bad is not None:

@@ -46,6 +46,7 @@ from scaling.core.trainer.config import TrainerConfig
 from scaling.core.trainer.console import parameter_counts, progress_line, startup_block
 from scaling.core.trainer.context import TrainingContext
 from scaling.core.trainer.hang import hang_watchdog
+from scaling.core.trainer.layer_norms import LayerNormRing
 from scaling.core.trainer.nonfinite import StepHealth
 from scaling.core.trainer.spikes import StepGuard, for_health
 from scaling.core.trainer.watchdog import StallWatchdog
@@ -329,6 +330,7 @@ class Trainer:
         loss_scaling = self.optimizer.scaler is not None
         guard = StepGuard.for_run(self.config.spikes, self.config.save_dir, loss_scaling=loss_scaling,
                                   announce=is_console_rank)  # fmt: skip
+        norms = LayerNormRing(self.module, self.optimizer, self.config.spikes.layer_norm_steps)
         self._announce_start()
         progress = None
         redirect = contextlib.ExitStack()
@@ -347,6 +349,7 @@ class Trainer:
                 watchdog.beat("forward/backward", step)
                 result = self.module.train_step(batches, step=step, loss_scale=self.optimizer.loss_scale)
                 watchdog.beat("optimizer", step)
+                norms.measure(step + 1)  # per-layer gradient norms, kept for the steps around an event
                 with guard.learning_rate(self.optimizer, step):  # lowered for a while after a rollback
                     update = self.optimizer.step(step, guard.loss_for_update(result.loss, self.module, self.optimizer))
                 self.context.step += 1
@@ -355,13 +358,15 @@ class Trainer:
                 diverged = health.record(self.context.step, for_health(update, event), result.loss,
                                          loss_scaling=loss_scaling)  # fmt: skip
                 if event is not None:
-                    diverged = guard.record(event, self.train_data) or diverged  # ledger; abort, max_events
+                    layer_norms = norms.event() if norms.enabled else None  # the ring goes into the ledger entry
+                    diverged = guard.record(event, self.train_data, layer_norms) or diverged  # abort, max_events
                 seconds = time.perf_counter() - start
                 tokens = _tokens_in(batches) * topo.dp_size
                 window_steps, window_tokens = window_steps + 1, window_tokens + tokens
                 last = self.context.step == self.config.train_iterations
                 at_log = self.context.step % self.config.log_interval == 0 or self.context.step == 1 or last
                 at_log = at_log or diverged is not None  # the step that stops the run is logged, then raised
+                at_log = at_log or event is not None or norms.logging  # an event and the steps after it
                 record: dict[str, float] = {}
                 if at_log:
                     record = {
@@ -375,7 +380,8 @@ class Trainer:
                         "step_time_s": seconds,
                         "samples_per_s": topo.config.global_batch / seconds,
                         "tokens_per_s": tokens / seconds,
-                        **goodput.metrics(),  # time lost to restarts (scaling.core.runner.goodput)
+                        **goodput.metrics(),  # time lost to restarts, rollbacks, saves (scaling.core.runner.goodput)
+                        **norms.for_record(event is not None),  # per-layer norms at and after an event
                         **{f"lr/{name}": lr for name, lr in update.learning_rates.items()},
                         **{k: float(v) for k, v in result.metrics.items()},
                     }
@@ -389,7 +395,7 @@ class Trainer:
                 if self.eval_data is not None and interval is not None and self.context.step % interval == 0:
                     watchdog.beat("evaluation", step)
                     eval_loss = self.evaluate()
-                    self._log({"eval/loss": eval_loss})
+                    self._log({"eval/loss": eval_loss, **goodput.metrics()})
                 if is_console_rank and (at_log or eval_loss is not None):
                     elapsed = time.perf_counter() - window_start
                     per_step = elapsed / window_steps
@@ -415,6 +421,7 @@ class Trainer:
                     watchdog.beat("rollback", step)
                     self.load(guard.rollback_source(self.config.save_dir, self._resume_source(), event), "everything")
                     guard.rolled_back(self.context.step)
+                    goodput.rolled_back(self.context.step)  # the discarded steps and the reload are lost
                     continue
                 watchdog.beat("end-of-step all-reduce", step)
                 stop = self._all_agree_to_stop()
@@ -423,7 +430,10 @@ class Trainer:
                 )
                 if at_interval or stop or last:
                     watchdog.beat("save", step)
-                    self.save(background=at_interval and not (stop or last))  # final/signal saves: synchronous
+                    with goodput.saving():  # the loop's time blocked in the save is lost to checkpoints
+                        self.save(background=at_interval and not (stop or last))  # final/signal saves: synchronous
+                    goodput.checkpointed(self.context.step)
+                goodput.reached(self.context.step)
                 if stop:
                     break
         finally:
