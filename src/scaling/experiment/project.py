@@ -58,6 +58,34 @@ class ProjectConfig(BaseConfig):
     runtime: Literal["venv", "docker"] = Field(
         "venv", description="How nodes run the code: 'venv' (pinned requirements) or 'docker' (the Dockerfile)."
     )
+    ssh_identity: str | None = Field(
+        None,
+        description="Private key that logs into the hosts (absolute, or relative to the project root); "
+        "default: what ssh uses by itself (agent, ~/.ssh/id_*).",
+    )
+    known_hosts: str = Field(
+        ".scaling/known_hosts",
+        description="Where the hosts' SSH keys are pinned, relative to the project root: recorded on first "
+        "contact (fingerprints printed), a later mismatch is refused.",
+    )
+    rendezvous_port: int = Field(
+        29500, ge=1, le=65535, description="TCP port of the torch.distributed rendezvous on the first host."
+    )
+    node_dir: str = Field(
+        ".scaling/projects",
+        description="Where `scaling nodes setup` puts the project and its venv on each host, relative to the "
+        "SSH user's home (the variable SCALING_NODE_DIR in a host's login environment replaces it).",
+    )
+    node_python: str = Field("python3", description="The Python on the hosts that the project's venv is made from.")
+    venv_system_site_packages: bool = Field(
+        False, description="Make the hosts' venv with --system-site-packages (reuse packages the image has)."
+    )
+    min_free_disk_gb: float = Field(
+        10.0, ge=0, description="`scaling nodes check` fails a host with less free disk (GB) under node_dir."
+    )
+    max_clock_skew_s: float = Field(
+        2.0, gt=0, description="`scaling nodes check` fails a host whose clock is further off this machine's (s)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -95,6 +123,26 @@ class ProjectConfig(BaseConfig):
     @classmethod
     def _runs_dir(cls, runs_dir: str) -> str:
         return _relative_posix(runs_dir, "runs_dir")
+
+    @field_validator("known_hosts")
+    @classmethod
+    def _known_hosts(cls, path: str) -> str:
+        return _relative_posix(path, "known_hosts")
+
+    @field_validator("node_dir")
+    @classmethod
+    def _node_dir(cls, path: str) -> str:
+        posix = PurePosixPath(path)
+        if not path or posix.is_absolute() or ".." in posix.parts or any(c.isspace() for c in path):
+            raise ValueError(f"node_dir {path!r} must be a path relative to the SSH user's home (no '..', no spaces)")
+        return path
+
+    @field_validator("node_python")
+    @classmethod
+    def _node_python(cls, python: str) -> str:
+        if not python or any(c.isspace() for c in python):
+            raise ValueError(f"node_python {python!r} must be one command name or path (no spaces)")
+        return python
 
 
 def find_project(start: Path | str | None = None) -> Path:
