@@ -12,7 +12,7 @@ A run directory holds::
 
 The record is the contract with everything that reads runs later (the generated workflows, the queue, run
 reports), so it is written atomically (temporary file, then rename) and its statuses are a closed set.
-A run name is reused on purpose: an unfinished run (running, failed, cancelled, preempted) resumes in its
+A run name is reused on purpose: an unfinished run (running, failed, cancelled, preempted, queued) resumes in its
 own directory from its newest checkpoint; a completed run is never written into again, and
 ``--force-new`` then starts a new run beside it under a suffixed name.
 """
@@ -49,7 +49,8 @@ __all__ = [
     "write_json_atomic",
 ]
 
-RunStatus = Literal["running", "completed", "failed", "cancelled", "preempted"]
+# "queued": submitted to the scheduler (`scaling queue submit`), no attempt running yet.
+RunStatus = Literal["running", "completed", "failed", "cancelled", "preempted", "queued"]
 STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
 # Everything but "completed": a run that did not finish (it crashed, was stopped, or its launcher vanished
 # while it was "running") is continued under its name rather than started over.

@@ -8,6 +8,10 @@ loads the project's experiments, makes the run visible to the experiment through
 runs it with the parameters recorded in ``DIR/params.json`` and the recorded seed, which ``Experiment.run``
 applies before the function starts. Nothing is validated here that ``scaling run`` did not already check:
 a rank that fails prints its traceback into its log and exits 1, and torchrun stops the others.
+
+SIGTERM (a scheduler taking the nodes back) sets ``current_run().stop_requested`` when the experiment has
+looked at that flag, so its loop can save a checkpoint and return; an experiment that never looked at it is
+ended by SIGTERM at once, as without the handler.
 """
 
 from __future__ import annotations
@@ -15,14 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from scaling.core.runner.lifetime import die_with_parent
 from scaling.experiment.rank_output import attempt_header, rank_output
 from scaling.experiment.records import RunPaths, now_iso
+
+if TYPE_CHECKING:
+    from scaling.experiment.run_context import RunContext
 
 __all__ = ["main"]
 
@@ -55,11 +65,27 @@ def _run(project: Path, name: str, run_dir: Path) -> None:
         seed=seed,
     )
     _set_current_run(context)
+    previous = signal.signal(signal.SIGTERM, _stop_handler(context))
     try:
         experiment.run(values, seed=seed)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         _set_current_run(None)
         _destroy_process_group()
+
+
+def _stop_handler(context: RunContext) -> Callable[[int, FrameType | None], None]:
+    """SIGTERM: ask the experiment to stop if it watches ``stop_requested``, else die of the signal as before."""
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if context.stop_watched:
+            print(f"run {context.name}: SIGTERM received, stop requested (save and return)", file=sys.stderr)
+            context.request_stop()
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    return on_sigterm
 
 
 def _destroy_process_group() -> None:
