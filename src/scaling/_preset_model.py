@@ -42,6 +42,8 @@ class PresetModel(ShardedTransformer):
         sequence_length: int | None = None,
         device: str = "auto",
         check_pretrained_shape: bool = True,
+        hang_timeout_s: float | None = None,
+        hang_dir: str | Path = "hang",
     ) -> None:
         if pp != 1:
             raise ValueError(
@@ -93,6 +95,8 @@ class PresetModel(ShardedTransformer):
             seed=seed,
             tokenizer=tokenizer,
             device=device,
+            hang_timeout_s=hang_timeout_s,
+            hang_dir=hang_dir,
         )
         if source is not None:
             from scaling.transformer.plain.pretrained import load_pretrained_weights

@@ -9,6 +9,13 @@ ZeRO-sharded with no wrapper, ``loss.backward()`` reduces gradients inside backw
 anything between backward and ``optimizer.step()``), and ``model.save`` writes what ``scaling generate``,
 ``scaling train`` and ``pretrained=`` read.
 
+Fault tolerance in the plain loop: ``model.save(..., asynchronous=True)`` takes host copies in the step and
+writes and publishes the checkpoint in the background (the trainer's
+:class:`~scaling.core.checkpoint.async_save.AsyncCheckpointer`: at most one in flight, the next save or
+:meth:`ShardedTransformer.wait_for_save` waits for it; a synchronous save, the last one, waits too), and
+``hang_timeout_s=`` (or ``SCALING_HANG_TIMEOUT_S``) starts the hang watchdog that the model's forward,
+backward and every optimizer step beat (:mod:`scaling.transformer.plain.watch`).
+
 The loss is the token mean over the whole data-parallel batch, as one process would compute it on the
 concatenated batch: each rank divides its token-loss sum by the global token count (so ranks with more
 loss tokens weigh more), and the value returned is the global mean on every rank.
@@ -32,6 +39,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from scaling.core.checkpoint import load_checkpoint, save_checkpoint
+from scaling.core.checkpoint.async_save import AsyncCheckpointer
 from scaling.core.checkpoint.io import CheckpointInfo
 from scaling.core.nn.comm import gather_from_tp
 from scaling.core.nn.precision import Precision, PrecisionConfig
@@ -43,6 +51,7 @@ from scaling.transformer.model.config import TransformerArchitectureConfig, chec
 from scaling.transformer.model.layers import LanguageModelLoss, loss_tokens, transformer_layer_specs
 from scaling.transformer.plain.batches import normalise_batch
 from scaling.transformer.plain.optimizer_state import TorchOptimizerState
+from scaling.transformer.plain.watch import PlainLoopWatch, hang_timeout
 from scaling.transformer.plain_world import plain_topology
 
 __all__ = ["PRECISIONS", "ShardedTransformer"]
@@ -81,6 +90,10 @@ class ShardedTransformer(nn.Module):
             byte-level tokenizer ``scaling.loaders`` uses by default).
         device: "auto" (the topology's choice: the local GPU when launched with CUDA, else CPU), "cpu",
             "cuda", or "meta" (shapes only, no memory, no process group: counting parameters of a 70B).
+        hang_timeout_s: when no rank progresses for this many seconds, every rank dumps its stacks and
+            last collectives to ``hang_dir`` and the job exits naming the rank(s) that did not arrive;
+            default ``SCALING_HANG_TIMEOUT_S``, else no watchdog.
+        hang_dir: where the hang dumps go (``rank_N.txt``).
     """
 
     def __init__(
@@ -95,8 +108,13 @@ class ShardedTransformer(nn.Module):
         seed: int = 0,
         tokenizer: Tokenizer | str | Path | None = None,
         device: str = "auto",
+        hang_timeout_s: float | None = None,
+        hang_dir: str | Path = "hang",
     ) -> None:
         super().__init__()
+        timeout = hang_timeout(hang_timeout_s)  # bad input fails before any process group is touched
+        self._watch: PlainLoopWatch | None = None
+        self._saver: AsyncCheckpointer | None = None  # created by the first asynchronous save (collective)
         self.architecture = architecture
         self.precision = _precision(precision)
         self.zero_stage = zero_stage
@@ -144,6 +162,8 @@ class ShardedTransformer(nn.Module):
                 engine, process_group=self.topology.dp_group, gradient_as_bucket_view=True, broadcast_buffers=False
             )
             object.__setattr__(self, "_ddp", wrapped)
+        if timeout is not None:
+            self._watch = PlainLoopWatch.for_process(timeout, Path(hang_dir), self.topology)
 
     # The loop ---------------------------------------------------------------------------------------------
     @property
@@ -164,11 +184,16 @@ class ShardedTransformer(nn.Module):
         step = self._forward_calls
         self._forward_calls += 1
         run = self._ddp if self._ddp is not None else engine
+        if self._watch is not None:
+            self._watch.forward(step)
         logits = run(inputs, chunk=0, micro=0, step=step)
         if "targets" not in inputs:
             return gather_from_tp(logits, self.topology.tp_group) if self.topology.tp_size > 1 else logits
         mean, metrics = engine.loss_fn(logits, inputs)
-        return self._global_token_mean(mean * metrics["loss_tokens"], metrics["loss_tokens"])
+        loss = self._global_token_mean(mean * metrics["loss_tokens"], metrics["loss_tokens"])
+        if self._watch is not None:
+            self._watch.backward_of(loss)
+        return loss
 
     def _global_token_mean(self, local_sum: torch.Tensor, local_tokens: torch.Tensor) -> torch.Tensor:
         """A loss whose value is the token mean over every data-parallel rank's batch and whose gradient,
@@ -242,11 +267,18 @@ class ShardedTransformer(nn.Module):
         loader: Any | None = None,
         scaler: Any | None = None,
         step: int | None = None,
+        asynchronous: bool = False,
     ) -> Path:
         """Write ``directory/global_step{step}`` (collective: every rank calls it), one layer gathered at a
         time; with ``optimizer`` (Adam/AdamW), ``loader`` and ``scaler`` (``scaling.training.Scaler``) state
         when given, so the loop resumes exactly with :meth:`load`. ``step`` defaults to the optimizer's step
-        count (0 without). Returns the checkpoint directory. Never overwrites a saved checkpoint."""
+        count (0 without). Returns the checkpoint directory. Never overwrites a saved checkpoint.
+
+        ``asynchronous``: return once this rank's shards are copied to host memory; the files are written
+        and the checkpoint published in the background while training goes on (the returned directory
+        exists once published: :meth:`wait_for_save`). Every save first waits for the one in flight, so at
+        most one is; make the last save of a run synchronous (or call :meth:`wait_for_save`) so the process
+        does not end while one is written. A background failure is raised by the next save or wait."""
         engine = self.engine
         state = self._optimizer_state(optimizer)
         if step is None:
@@ -260,10 +292,29 @@ class ShardedTransformer(nn.Module):
             **({"loader": loader.state_dict()} if loader is not None else {}),
             **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         }
-        with tempfile.TemporaryDirectory(prefix="scaling-save-") as scratch:
-            files = {"tokenizer.json": self._tokenizer_file(Path(scratch))}
+        watching = self._watch.saving() if self._watch is not None else contextlib.nullcontext()
+        with watching, tempfile.TemporaryDirectory(prefix="scaling-save-") as scratch:
+            files = {"tokenizer.json": self._tokenizer_file(Path(scratch))}  # read before the save returns
+            if asynchronous and self._saver is None:
+                self._saver = AsyncCheckpointer()  # collective: the writer's own gloo group
+            if self._saver is None:
+                return save_checkpoint(directory, step, engine, state, config=config, run_state=run_state, files=files)
+            published = self._saver.save(
+                directory, step, engine, state, background=asynchronous, config=config, run_state=run_state,
+                files=files,
+            )  # fmt: skip
+            return published if published is not None else Path(directory) / f"global_step{step}"
 
-            return save_checkpoint(directory, step, engine, state, config=config, run_state=run_state, files=files)
+    def wait_for_save(self) -> Path | None:
+        """Block until the asynchronous save in flight (if any) is published; re-raise its failure. Returns
+        the newest checkpoint saved through it (None when there was no asynchronous save)."""
+        return self._saver.wait() if self._saver is not None else None
+
+    def stop_hang_watchdog(self) -> None:
+        """Stop the hang watchdog of this process (before a stretch in which ranks wait on each other longer
+        than the timeout without training, e.g. rank 0 alone evaluating); nothing without one."""
+        if self._watch is not None:
+            self._watch.stop()
 
     def load(
         self,
@@ -276,6 +327,7 @@ class ShardedTransformer(nn.Module):
         """Load weights (any layout and stage saved them), and the optimizer, loader and scaler state when
         given; a state asked for that the checkpoint lacks is an error, not a silent fresh start."""
         engine = self.engine
+        self.wait_for_save()  # loading what is still being written would find it incomplete
         state = self._optimizer_state(optimizer)
         info = load_checkpoint(path, engine, state)
         for key, target in (("loader", loader), ("scaler", scaler)):
