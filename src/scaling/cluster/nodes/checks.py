@@ -44,6 +44,9 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 else
   echo "gpus=0"
 fi
+echo "hostname=$(hostname -s 2>/dev/null || hostname)"
+echo "cpus=$(nproc 2>/dev/null || echo 1)"
+echo "mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo 2>/dev/null || echo 0)"
 echo "time=$(date +%s.%N)"
 """
 
