@@ -18,6 +18,13 @@ published. Medians over ``--repeats``: the first background save also allocates 
 later ones reuse. Target: asynchronous stall <= 10% of the synchronous one. ``--device cuda`` measures pinned
 device-to-host copies (NCCL default group, the writer's gloo group beside it).
 
+Restart: what a dead rank costs under ``--max-restarts 1``. A tiny 2-rank ``scaling train`` run on the CPU
+saves every few steps; once the first checkpoint is published, rank 1 gets ``kill -9``. Timed from the
+kill: until the launcher logs the restart of the world (the death noticed and the world stopped), until
+the new attempt's ranks run, and until the new attempt's first step is done (from its first metrics
+record; the step it resumed from and the ``lost_to_restarts_s`` it reports are shown). The run is then
+stopped: what follows is ordinary training.
+
 Data: a memory-mapped corpus of random tokens is read through ``TokenWindowDataset`` and the
 ``DistributedDataLoader`` (one process, one thread); tokens/s counts input tokens delivered. Target:
 above 1M tokens/s.
@@ -26,15 +33,23 @@ above 1M tokens/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import queue
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from scaling.core.checkpoint import load_checkpoint, save_checkpoint
@@ -193,6 +208,154 @@ def _print_stall(r: dict[str, float], device: str) -> None:
     )
 
 
+_TINY = {"vocab_size": 64, "vocab_multiple": 64, "hidden_size": 16, "num_layers": 2, "num_attention_heads": 4,
+         "num_kv_heads": 2, "intermediate_size": 32, "sequence_length": 16}  # fmt: skip
+
+
+def _restart_config(root: Path, save_every: int) -> Path:
+    """A tiny 2-rank run on a counting corpus that trains far longer than the benchmark waits."""
+    rng = np.random.default_rng(0)
+    with MemoryMapWriter(root / "corpus", vocab_size=64) as writer:
+        for _ in range(40):
+            start = int(rng.integers(0, 64))
+            writer.add([(start + i) % 64 for i in range(40)])
+    schedule = {"learning_rate": 0.01, "learning_rate_decay_style": "constant"}
+    config = {
+        "topology": {"data_parallel_size": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "device": "cpu"},
+        "architecture": _TINY,
+        "trainer": {"train_iterations": 1_000_000, "log_interval": 1, "save_interval": save_every,
+                    "save_dir": str(root / "ckpt")},
+        "optimizer": {"training_groups": [{"learning_rate_schedule": schedule}]},
+        "data": {"prefixes": [str(root / "corpus")], "validation_fraction": 0.1},
+        "logger": {"log_dir": str(root / "logs")},
+    }  # fmt: skip
+    path = root / "run.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every live (not zombie) process, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                if fields[0] != "Z":
+                    parents[int(entry)] = int(fields[1])
+    return parents
+
+
+def _below(pid: int) -> list[int]:
+    parents, found, frontier = _parents(), [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def _ranks(launcher: int) -> dict[int, int]:
+    """rank -> pid of the training ranks (children of the elastic agent) below ``launcher``."""
+    ranks = {}
+    for pid in _below(launcher):
+        with contextlib.suppress(OSError):
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"scaling.core.runner.agent" not in Path(f"/proc/{parent}/cmdline").read_bytes():
+                continue
+            for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                if item.startswith(b"RANK="):
+                    ranks[int(item[5:])] = pid
+    return ranks
+
+
+def _first_record_of_attempt(metrics: Path, attempt: int) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError):
+        for line in metrics.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("restarts") == attempt and "loss" in record:
+                    return record
+    return None
+
+
+def _restart_bench(save_every: int, timeout_s: float) -> dict[str, float]:
+    """Seconds from a rank's ``kill -9`` to the restart, to the new ranks, to the first new step."""
+    with tempfile.TemporaryDirectory(prefix="scaling-bench-") as tmp:
+        root = Path(tmp)
+        config = _restart_config(root, save_every)
+        argv = [str(Path(sys.executable).with_name("scaling")), "train", str(config), "--max-restarts", "1"]
+        run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: queue.Queue[tuple[float, str]] = queue.Queue()
+        output: list[str] = []
+
+        def read() -> None:
+            assert run.stdout is not None
+            for line in run.stdout:
+                output.append(line)
+                lines.put((time.time(), line))
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not (root / "ckpt" / "latest").is_file():
+                if run.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the run published no checkpoint:\n" + "".join(output[-40:]))
+                time.sleep(0.02)
+            before = _ranks(run.pid)
+            if set(before) != {0, 1}:
+                raise RuntimeError(f"expected ranks 0 and 1, found {sorted(before)}")
+            saved_step = int((root / "ckpt" / "latest").read_text().removeprefix("global_step"))
+            os.kill(before[1], signal.SIGKILL)
+            killed = time.time()
+            restarted = ranks_up = first = None
+            record = None
+            while record is None:
+                if run.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("no first step after the restart:\n" + "".join(output[-40:]))
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        at, line = lines.get_nowait()
+                        if restarted is None and "restarting the world" in line:
+                            restarted = at
+                if ranks_up is None:
+                    now = _ranks(run.pid)
+                    if len(now) == 2 and not set(now.values()) & set(before.values()):
+                        ranks_up = time.time()
+                record = _first_record_of_attempt(root / "logs" / "metrics.jsonl", 1)
+                if record is None:
+                    time.sleep(0.02)
+            first = float(record["wall_time"])
+        finally:
+            for pid in [run.pid, *_below(run.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run.wait(timeout=10)
+        return {
+            "saved_step": float(saved_step),
+            "restart_logged_s": (restarted if restarted is not None else float("nan")) - killed,
+            "ranks_running_s": (ranks_up if ranks_up is not None else float("nan")) - killed,
+            "first_step_s": first - killed,
+            "first_step_time_s": float(record.get("step_time_s", float("nan"))),
+            "resumed_at_step": float(record["step"]) - 1,
+            "lost_to_restarts_s": float(record.get("lost_to_restarts_s", float("nan"))),
+        }
+
+
+def _print_restart(r: dict[str, float]) -> None:
+    print("\nrestart after kill -9 of rank 1: scaling train --max-restarts 1, tiny model, dp 2 on the CPU")
+    print(f"{'from the death of the rank to':46}{'seconds':>10}")
+    print(f"{'  the restart of the world logged':46}{r['restart_logged_s']:>10.2f}")
+    print(f"{'  the ranks of the new attempt running':46}{r['ranks_running_s']:>10.2f}")
+    print(f"{'  the first step of the new attempt done':46}{r['first_step_s']:>10.2f}")
+    print(
+        f"the new attempt resumed from step {r['resumed_at_step']:.0f} (last checkpoint before the kill: step "
+        f"{r['saved_step']:.0f}); its first step took {r['first_step_time_s']:.3f} s; it reports "
+        f"lost_to_restarts_s = {r['lost_to_restarts_s']:.2f}"
+    )
+
+
 def _loader_bench(prefix: str, sequence: int, micro: int, steps: int) -> float:
     torch.set_num_threads(1)
     topo = Topology(TopologyConfig(micro_batch_size=micro, gradient_accumulation_steps=4))
@@ -214,7 +377,13 @@ def main() -> None:
     parser.add_argument("--stall-layers", type=int, default=8)
     parser.add_argument("--stall-hidden", type=int, default=512)
     parser.add_argument("--device", default="cpu", help="where the stall benchmark trains: cpu or cuda")
+    parser.add_argument("--restart-only", action="store_true", help="only the restart after a rank's kill -9")
+    parser.add_argument("--no-restart", action="store_true", help="leave out the restart benchmark")
+    parser.add_argument("--restart-save-every", type=int, default=10, help="save interval of the restarted run")
     args = parser.parse_args()
+    if args.restart_only:
+        _print_restart(_restart_bench(args.restart_save_every, timeout_s=300))
+        return
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     with tempfile.TemporaryDirectory(prefix="scaling-bench-") as tmp:
         stall = run_distributed(
@@ -231,6 +400,8 @@ def main() -> None:
         _print_stall(stall, args.device)
     if args.stall_only:
         return
+    if not args.no_restart:
+        _print_restart(_restart_bench(args.restart_save_every, timeout_s=300))
     with tempfile.TemporaryDirectory(prefix="scaling-bench-") as tmp:
         r = run_distributed(_checkpoint_bench, 1, tmp, args.layers, args.hidden, args.repeats, timeout_s=1200)[0]
         print(f"checkpoint of {r['parameters_m']:.1f}M parameters (weights + fp32 master + 2 Adam moments)")
