@@ -1,8 +1,9 @@
 """Real sshd "nodes" on loopback addresses (127.0.0.2, 127.0.0.3, ...) for the ``scaling nodes`` tests.
 
 Each node is its own ``/usr/sbin/sshd -D`` with its own config, host key and pid file, listening on one
-shared free port of its own address, and accepting one generated client key. ``SetEnv SCALING_NODE_DIR``
-gives each node its own folder, because they all share this machine's filesystem. Nothing outside the
+shared free port of its own address, and accepting one generated client key. ``SetEnv`` gives each node
+its own ``SCALING_NODE_DIR`` and ``HOME``, because they all share this machine's filesystem (and so a login
+does not read this machine's root ``.bashrc``, whose pyenv set-up costs a second per call). Nothing outside the
 temporary directory is touched, and :meth:`SshdNodes.stop` ends exactly the processes started here.
 """
 
@@ -62,7 +63,7 @@ class SshdNodes:
                 f"AuthorizedKeysFile {workdir / 'authorized_keys'}\n"
                 "UsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                 "PermitRootLogin prohibit-password\nLogLevel ERROR\n"
-                f"SetEnv SCALING_NODE_DIR={folder / 'home'}\n"
+                f"SetEnv SCALING_NODE_DIR={folder / 'home'} HOME={folder / 'home'}\n"
             )
             self.start(address)
 

@@ -29,7 +29,7 @@ def _node_steps(cluster: Cluster, node: Node, check: Step, send: Step, rest: lis
 
 def setup_all(cluster: Cluster, say: Callable[[str], None], with_slurm: bool = False) -> list[Row]:
     """Every check and setup step on every host; the rows of the closing table."""
-    rows, facts = check_all(cluster, say)
+    # the local half first: a project that cannot be shipped (no requirements.txt) fails before any SSH
     check, send, digest = environment.project_steps(cluster)
     runtime = (
         environment.docker_step(cluster, digest)
@@ -37,6 +37,7 @@ def setup_all(cluster: Cluster, say: Callable[[str], None], with_slurm: bool = F
         else environment.venv_step(cluster)
     )
     common = [runtime, environment.deploy_key_step(cluster)]
+    rows, facts = check_all(cluster, say)
     bad = {row.host for row in rows if row.failed}
     healthy = [node for node in cluster.nodes if node.host not in bad]
     plan: dict[str, list[Step]] = {node.host: list(common) for node in healthy}
