@@ -279,12 +279,14 @@ def _first_record_of_attempt(metrics: Path, attempt: int) -> dict[str, Any] | No
     return None
 
 
-def _restart_bench(save_every: int, timeout_s: float) -> dict[str, float]:
+def _restart_bench(save_every: int, timeout_s: float, master_port: int | None = None) -> dict[str, float]:
     """Seconds from a rank's ``kill -9`` to the restart, to the new ranks, to the first new step."""
     with tempfile.TemporaryDirectory(prefix="scaling-bench-") as tmp:
         root = Path(tmp)
         config = _restart_config(root, save_every)
         argv = [str(Path(sys.executable).with_name("scaling")), "train", str(config), "--max-restarts", "1"]
+        if master_port is not None:  # a fixed rendezvous port instead of --standalone
+            argv += ["-o", f"runner.master_port={master_port}"]
         run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: queue.Queue[tuple[float, str]] = queue.Queue()
         output: list[str] = []
@@ -380,9 +382,10 @@ def main() -> None:
     parser.add_argument("--restart-only", action="store_true", help="only the restart after a rank's kill -9")
     parser.add_argument("--no-restart", action="store_true", help="leave out the restart benchmark")
     parser.add_argument("--restart-save-every", type=int, default=10, help="save interval of the restarted run")
+    parser.add_argument("--restart-master-port", type=int, default=None, help="runner.master_port of that run")
     args = parser.parse_args()
     if args.restart_only:
-        _print_restart(_restart_bench(args.restart_save_every, timeout_s=300))
+        _print_restart(_restart_bench(args.restart_save_every, timeout_s=300, master_port=args.restart_master_port))
         return
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     with tempfile.TemporaryDirectory(prefix="scaling-bench-") as tmp:
@@ -401,7 +404,7 @@ def main() -> None:
     if args.stall_only:
         return
     if not args.no_restart:
-        _print_restart(_restart_bench(args.restart_save_every, timeout_s=300))
+        _print_restart(_restart_bench(args.restart_save_every, timeout_s=300, master_port=args.restart_master_port))
     with tempfile.TemporaryDirectory(prefix="scaling-bench-") as tmp:
         r = run_distributed(_checkpoint_bench, 1, tmp, args.layers, args.hidden, args.repeats, timeout_s=1200)[0]
         print(f"checkpoint of {r['parameters_m']:.1f}M parameters (weights + fp32 master + 2 Adam moments)")
