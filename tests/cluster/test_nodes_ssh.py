@@ -107,6 +107,18 @@ def test_nodes_scenario(nodes: SshdNodes, tmp_path: Path, capsys: pytest.Capture
     assert "changed" not in table.values()
     assert "every host was already set up: nothing changed" in out
 
+    # an edited file ships again; the pinned environment and the key stay as they are
+    (root / "src" / "experiments.py").write_text("# experiments, edited\n")
+    assert main(["setup", "--project", str(root)]) == 0
+    table = _table(capsys.readouterr().out)
+    assert [table[(a, s)] for a in NODES for s in ("project", "venv", "deploy key")] == [
+        "changed",
+        "unchanged",
+        "unchanged",
+    ] * 2
+    base = nodes.node_dir(NODES[0]) / "demo" / "project"
+    assert (base / "src" / "experiments.py").read_text() == "# experiments, edited\n"
+
     # exec: output prefixed by host, the first failing host's status propagated and the host named
     fail_on = nodes.node_dir(NODES[1])
     command = f'echo "hello from $PWD"; test "$SCALING_NODE_DIR" != {fail_on} || exit 7'
