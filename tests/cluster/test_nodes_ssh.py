@@ -139,6 +139,7 @@ def test_nodes_scenario(nodes: SshdNodes, tmp_path: Path, capsys: pytest.Capture
     out, err = capsys.readouterr()
     table = _table(out)
     assert table[(dead, "ssh")] == "failed"
+    assert any(line.startswith(dead) and "Connection refused" in line for line in out.splitlines()), out
     assert f"failed on 1 host(s): {dead}" in err
     assert all(status == "ok" for (host, _), status in table.items() if host != dead), out
 

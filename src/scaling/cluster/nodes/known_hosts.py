@@ -9,6 +9,7 @@ and both fingerprints so the operator can decide (and remove the old line if the
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -58,12 +59,22 @@ def is_known(known_hosts: Path, host: str, port: int) -> bool:
     return bool(known_lines(known_hosts, host, port))
 
 
+def _why_unreachable(host: str, port: int, timeout: float) -> str:
+    """Why nothing answered (ssh-keyscan says nothing when it cannot connect): refused, timed out, ..."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return "no SSH server answered"
+
+
 def scan(host: str, port: int, timeout: float) -> str:
     """The host's public keys in known_hosts format, from ``ssh-keyscan``."""
     done = _run(["ssh-keyscan", "-T", str(max(1, int(timeout))), "-p", str(port), "-t", _KEY_TYPES, host], timeout + 5)
     lines = "\n".join(line for line in done.stdout.splitlines() if line and not line.startswith("#"))
     if not lines:
-        detail = " ".join(done.stderr.split()) or "no answer"
+        said = dict.fromkeys(" ".join(line.split()) for line in done.stderr.splitlines() if line.strip())
+        detail = "; ".join(said) or _why_unreachable(host, port, timeout)
         raise HostKeyError(f"{host}:{port}: cannot read its host key ({detail})")
     return lines
 
