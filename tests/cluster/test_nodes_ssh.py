@@ -130,6 +130,24 @@ def test_nodes_scenario(nodes: SshdNodes, tmp_path: Path, capsys: pytest.Capture
     assert main(["exec", "--project", str(root), "--", "true"]) == 0
     capsys.readouterr()
 
+    # the deploy key lets a node fetch the repository: each node clones a repository from the other test
+    # node over SSH with the installed key and wrapper (the key authorized there, as a deploy key would be)
+    repo = tmp_path / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True, timeout=30)
+    work = tmp_path / "work"
+    subprocess.run(["git", "clone", "-q", str(repo), str(work)], check=True, timeout=30, capture_output=True)
+    (work / "README").write_text("fetched with the deploy key\n")
+    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "add", "README"], check=True, timeout=30)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True, timeout=30)
+    subprocess.run([*git, "push", "-q", "origin", "HEAD"], check=True, timeout=30, capture_output=True)
+    authorized = nodes.workdir / "authorized_keys"
+    authorized.write_text(authorized.read_text() + (root / ".scaling" / "deploy_key.pub").read_text())
+    clone = f'GIT_SSH_COMMAND="$BASE/git-ssh" git clone -q ssh://{NODES[1]}:{nodes.port}{repo} "$BASE/clone"'
+    assert main(["exec", "--project", str(root), "--", f'{clone} && cat "$BASE/clone/README"']) == 0
+    out, _ = capsys.readouterr()
+    assert all(f"{address} | fetched with the deploy key" in out for address in NODES), out
+
     # a host with nothing listening fails, is named in the table and the exit status; the others pass
     dead = "127.0.0.4"
     three = _project(tmp_path / "three", nodes, [*NODES, dead])

@@ -93,7 +93,10 @@ chmod 600 "$BASE/deploy_key"
 {
   echo '#!/bin/sh'
   echo '# written by scaling nodes setup: git reaches the repository with the deploy key'
-  printf 'exec ssh -i "%s" -o IdentitiesOnly=yes -o BatchMode=yes "$@"\n' "$BASE/deploy_key"
+  echo '# the git host is pinned on first contact in its own file (accept-new: recorded once, then checked)'
+  printf 'exec ssh -i "%s" -o IdentitiesOnly=yes -o BatchMode=yes' "$BASE/deploy_key"
+  printf ' -o StrictHostKeyChecking=accept-new'
+  printf ' -o UserKnownHostsFile="%s" "$@"\n' "$BASE/git_known_hosts"
 } > "$BASE/.git-ssh.new"
 if [ -f "$BASE/git-ssh" ] && cmp -s "$BASE/.git-ssh.new" "$BASE/git-ssh"; then
   rm -f "$BASE/.git-ssh.new"
@@ -102,7 +105,7 @@ else
   state=changed
 fi
 chmod 700 "$BASE/git-ssh"
-echo "$state key in $BASE/deploy_key; fetch with GIT_SSH=$BASE/git-ssh git clone ..."
+echo "$state key in $BASE/deploy_key; fetch with GIT_SSH_COMMAND=$BASE/git-ssh git clone ..."
 """
 
 
