@@ -16,6 +16,25 @@ import time
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Stand-ins for the service manager and the package database, first on the nodes' PATH, so that
+# `nodes setup --slurm` runs its real scripts without restarting or installing anything on this machine:
+# a "restart" is logged in the node's $HOME/restarts and marks the daemon running for `pgrep -x`.
+_FAKES = {
+    "service": '#!/bin/sh\nunit="$1"; [ "$unit" = munge ] && unit=munged\necho "$1" >> "$HOME/restarts"\n'
+    'touch "$HOME/running.$unit"\n',
+    "systemctl": '#!/bin/sh\n[ "$1" = restart ] || exit 0\nexec service "$2" restart\n',
+    "pgrep": '#!/bin/sh\n[ "$1" = -x ] && [ -e "$HOME/running.$2" ]\n',
+    "dpkg-query": '#!/bin/sh\necho "install ok installed"\necho "install ok installed"\n',
+}
+
+
+def _fake_service_tools(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in _FAKES.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
 
 
 def free_port(addresses: list[str]) -> int:
@@ -51,6 +70,8 @@ class SshdNodes:
         _keygen(self.client_key, "scaling-test-client")
         (workdir / "authorized_keys").write_text(self.client_key.with_name("client_key.pub").read_text())
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.fake_bin = workdir / "fake-bin"
+        _fake_service_tools(self.fake_bin)
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
         for address in addresses:
             folder = workdir / address
@@ -63,7 +84,7 @@ class SshdNodes:
                 f"AuthorizedKeysFile {workdir / 'authorized_keys'}\n"
                 "UsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                 "PermitRootLogin prohibit-password\nLogLevel ERROR\n"
-                f"SetEnv SCALING_NODE_DIR={folder / 'home'} HOME={folder / 'home'}\n"
+                f"SetEnv SCALING_NODE_DIR={folder / 'home'} HOME={folder / 'home'} PATH={self.fake_bin}:{_PATH}\n"
             )
             self.start(address)
 

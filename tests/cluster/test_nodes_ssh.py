@@ -50,6 +50,10 @@ def _project(root: Path, nodes: SshdNodes, hosts: list[str]) -> Path:
         "node_python": sys.executable,
         "venv_system_site_packages": True,
         "min_free_disk_gb": 0.001,
+        # Slurm's files in each node's own home (the nodes share this machine's /etc); the service manager
+        # and package database on the nodes are the fixture's stand-ins (sshd_nodes._FAKES)
+        "slurm_conf_dir": "~/etc/slurm",
+        "munge_key_file": "~/etc/munge/munge.key",
     }
     (root / "scaling.yml").write_text(yaml.safe_dump(config))
     (root / "requirements.txt").write_text(f"pip=={ensurepip.version()}\n")
@@ -83,8 +87,8 @@ def test_nodes_scenario(nodes: SshdNodes, tmp_path: Path, capsys: pytest.Capture
     assert "failed" not in out
     assert (root / ".scaling" / "known_hosts").read_text().count("ssh-ed25519") == 2
 
-    # setup: ships the project, makes the venv, installs the deploy key
-    assert main(["setup", "--project", str(root)]) == 0
+    # setup --slurm: ships the project, makes the venv, installs the deploy key, configures Slurm
+    assert main(["setup", "--slurm", "--project", str(root)]) == 0
     out, err = capsys.readouterr()
     private_key = (root / ".scaling" / "deploy_key").read_text()
     assert private_key.strip().splitlines()[1] not in out + err  # the key never reaches a log
@@ -95,16 +99,25 @@ def test_nodes_scenario(nodes: SshdNodes, tmp_path: Path, capsys: pytest.Capture
         assert (base / "venv" / "bin" / "python").exists()
         assert (base / "deploy_key").read_text() == private_key
         assert (base / "deploy_key").stat().st_mode & 0o777 == 0o600
-        for step in ("project", "venv", "deploy key"):
+        for step in ("project", "venv", "deploy key", "munge key", "slurm config"):
             assert _table(out)[(address, step)] == "changed", out
+        home = nodes.node_dir(address)
+        assert (home / "etc" / "munge" / "munge.key").read_bytes() == (root / ".scaling" / "munge.key").read_bytes()
+        assert (home / "etc" / "munge" / "munge.key").stat().st_mode & 0o777 == 0o400
+        conf = (home / "etc" / "slurm" / "slurm.conf").read_text().splitlines()
+        assert sum(line.startswith("NodeName=") for line in conf) == 2 and f"NodeAddr={NODES[1]}" in "".join(conf)
+        daemons = "munge slurmctld slurmd" if address == NODES[0] else "munge slurmd"
+        assert (home / "restarts").read_text().split() == daemons.split()
     assert "first contact" not in err  # pinned keys are kept
 
-    # a second setup changes nothing and says so
-    assert main(["setup", "--project", str(root)]) == 0
+    # a second setup changes nothing (no daemon restarted) and says so
+    assert main(["setup", "--slurm", "--project", str(root)]) == 0
     out, _ = capsys.readouterr()
     table = _table(out)
-    assert [table[(a, s)] for a in NODES for s in ("project", "venv", "deploy key")] == ["unchanged"] * 6
+    steps = ("project", "venv", "deploy key", "slurm packages", "munge key", "slurm config")
+    assert [table[(a, s)] for a in NODES for s in steps] == ["unchanged"] * 12
     assert "changed" not in table.values()
+    assert (nodes.node_dir(NODES[1]) / "restarts").read_text().split() == ["munge", "slurmd"]
     assert "every host was already set up: nothing changed" in out
 
     # an edited file ships again; the pinned environment and the key stay as they are

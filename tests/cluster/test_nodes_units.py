@@ -69,15 +69,15 @@ def test_slurm_config_text_and_plan(tmp_path: Path) -> None:
     assert "NodeName=n2 NodeAddr=10.0.0.2 CPUs=96 RealMemory=60800 Gres=gpu:8 State=UNKNOWN" in conf
     assert slurm.gres_conf(hosts, facts).splitlines()[1:] == ["NodeName=n2 Name=gpu File=/dev/nvidia[0-7]"]
 
-    plan = slurm.slurm_steps(tmp_path, "proj", hosts, facts)
+    plan = slurm.slurm_steps(tmp_path, ProjectConfig(name="proj", hosts=hosts), facts)
     key = (tmp_path / slurm.MUNGE_KEY).read_bytes()
     assert len(key) == slurm.MUNGE_KEY_BYTES and (tmp_path / slurm.MUNGE_KEY).stat().st_mode & 0o777 == 0o600
     assert slurm.munge_key(tmp_path) == key  # made once: every node and every run get the same key
     for host, steps in plan.items():
         assert [s.name for s in steps] == ["slurm packages", "munge key", "slurm config"]
         munge = steps[1]
-        assert munge.stdin == key and key.hex() not in munge.script and not munge.args
-        assert steps[2].args[2] == ("slurmctld slurmd" if host == hosts[0] else "slurmd")
+        assert munge.stdin == key and key.hex() not in munge.script and munge.args == ("/etc/munge/munge.key",)
+        assert steps[2].args[2:] == ("slurmctld slurmd" if host == hosts[0] else "slurmd", "/etc/slurm")
         assert "$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge" in steps[0].script
         assert "dpkg-query" in steps[0].script  # looks before it installs: a second run is unchanged
 

@@ -80,6 +80,14 @@ class ProjectConfig(BaseConfig):
     venv_system_site_packages: bool = Field(
         False, description="Make the hosts' venv with --system-site-packages (reuse packages the image has)."
     )
+    slurm_conf_dir: str = Field(
+        "/etc/slurm",
+        description="Where `scaling nodes setup --slurm` writes slurm.conf and gres.conf on the hosts "
+        "(/etc/slurm-llnl on Debian before 11).",
+    )
+    munge_key_file: str = Field(
+        "/etc/munge/munge.key", description="The munge key file on the hosts (`scaling nodes setup --slurm`)."
+    )
     min_free_disk_gb: float = Field(
         10.0, ge=0, description="`scaling nodes check` fails a host with less free disk (GB) under node_dir."
     )
@@ -135,6 +143,13 @@ class ProjectConfig(BaseConfig):
         posix = PurePosixPath(path)
         if not path or posix.is_absolute() or ".." in posix.parts or any(c.isspace() for c in path):
             raise ValueError(f"node_dir {path!r} must be a path relative to the SSH user's home (no '..', no spaces)")
+        return path
+
+    @field_validator("slurm_conf_dir", "munge_key_file")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not (PurePosixPath(path).is_absolute() or path.startswith("~/")) or any(c.isspace() for c in path):
+            raise ValueError(f"{path!r} must be an absolute path on the hosts, or start with ~/ (no spaces)")
         return path
 
     @field_validator("node_python")

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from scaling.cluster.nodes.steps import Step
+from scaling.experiment.project import ProjectConfig
 
 __all__ = ["MUNGE_KEY", "gres_conf", "munge_key", "slurm_conf", "slurm_steps"]
 
@@ -30,14 +31,21 @@ else
 fi
 """
 
-_MUNGE = r"""
+# "~/x" in scaling.yml is the SSH user's home on the node
+_HOME_PATH = r"""
+at_home() { case "$1" in "~/"*) printf '%s/%s' "$HOME" "${1#\~/}" ;; *) printf '%s' "$1" ;; esac; }
+"""
+
+_MUNGE = _HOME_PATH + r"""
+set -- "$(at_home "$1")"
 new=$(mktemp)
 trap 'rm -f "$new"' EXIT
 cat > "$new"
-if $SUDO cmp -s "$new" /etc/munge/munge.key; then
+if $SUDO cmp -s "$new" "$1"; then
   state=unchanged
 else
-  $SUDO install -o munge -g munge -m 0400 "$new" /etc/munge/munge.key
+  $SUDO mkdir -p "$(dirname "$1")"
+  $SUDO install -o munge -g munge -m 0400 "$new" "$1"
   state=changed
 fi
 restart() {
@@ -48,20 +56,21 @@ restart() {
   fi
 }
 if [ "$state" = changed ] || ! pgrep -x munged >/dev/null; then restart munge; state=changed; fi
-echo "$state /etc/munge/munge.key (the project's key)"
+echo "$state $1 (the project's key)"
 """
 
-_CONFIG = r"""
+_CONFIG = _HOME_PATH + r"""
+set -- "$1" "$2" "$3" "$(at_home "$4")"
 state=unchanged
-$SUDO mkdir -p /etc/slurm
+$SUDO mkdir -p "$4"
 put() {
   if [ "$(cat "$2" 2>/dev/null)" != "$1" ]; then
     printf '%s\n' "$1" | $SUDO tee "$2" >/dev/null
     state=changed
   fi
 }
-put "$1" /etc/slurm/slurm.conf
-put "$2" /etc/slurm/gres.conf
+put "$1" "$4/slurm.conf"
+put "$2" "$4/gres.conf"
 restart() {
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     $SUDO systemctl enable --quiet "$1" && $SUDO systemctl restart "$1"
@@ -72,7 +81,7 @@ restart() {
 for daemon in $3; do
   if [ "$state" = changed ] || ! pgrep -x "$daemon" >/dev/null; then restart "$daemon"; state=changed; fi
 done
-echo "$state /etc/slurm/slurm.conf, gres.conf; running: $3"
+echo "$state $4/slurm.conf, gres.conf; running: $3"
 """
 
 
@@ -146,17 +155,20 @@ def gres_conf(hosts: Sequence[str], facts: Mapping[str, Mapping[str, str]]) -> s
 
 
 def slurm_steps(
-    root: Path, name: str, hosts: Sequence[str], facts: Mapping[str, Mapping[str, str]]
+    root: Path,
+    config: ProjectConfig,
+    facts: Mapping[str, Mapping[str, str]],
 ) -> dict[str, list[Step]]:
     """The Slurm steps per host, in order: packages, munge key (on stdin), config files and daemons."""
     key = munge_key(root)
-    conf, gres = slurm_conf(name, hosts, facts), gres_conf(hosts, facts)
+    hosts = config.hosts
+    conf, gres = slurm_conf(config.name, hosts, facts), gres_conf(hosts, facts)
     plan = {}
     for index, host in enumerate(hosts):
         daemons = "slurmctld slurmd" if index == 0 else "slurmd"
         plan[host] = [
             Step("slurm packages", _PACKAGES, timeout=1800),
-            Step("munge key", _MUNGE, stdin=key, timeout=120),
-            Step("slurm config", _CONFIG, (conf, gres, daemons), timeout=300),
+            Step("munge key", _MUNGE, (config.munge_key_file,), stdin=key, timeout=120),
+            Step("slurm config", _CONFIG, (conf, gres, daemons, config.slurm_conf_dir), timeout=300),
         ]
     return plan
