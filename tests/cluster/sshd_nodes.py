@@ -20,12 +20,14 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Stand-ins for the service manager and the package database, first on the nodes' PATH, so that
 # `nodes setup --slurm` runs its real scripts without restarting or installing anything on this machine:
-# a "restart" is logged in the node's $HOME/restarts and marks the daemon running for `pgrep -x`.
+# a "restart" is logged in the node's $HOME/restarts and marks the daemon running for `pgrep -x`; each node
+# answers `hostname` with its own address (127-0-0-2), as separate machines would.
 _FAKES = {
     "service": '#!/bin/sh\nunit="$1"; [ "$unit" = munge ] && unit=munged\necho "$1" >> "$HOME/restarts"\n'
     'touch "$HOME/running.$unit"\n',
     "systemctl": '#!/bin/sh\n[ "$1" = restart ] || exit 0\nexec service "$2" restart\n',
     "pgrep": '#!/bin/sh\n[ "$1" = -x ] && [ -e "$HOME/running.$2" ]\n',
+    "hostname": '#!/bin/sh\nbasename "$(dirname "$HOME")" | tr . -\n',
     "dpkg-query": '#!/bin/sh\necho "install ok installed"\necho "install ok installed"\n',
 }
 

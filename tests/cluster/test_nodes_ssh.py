@@ -105,7 +105,11 @@ def test_nodes_scenario(nodes: SshdNodes, tmp_path: Path, capsys: pytest.Capture
         assert (home / "etc" / "munge" / "munge.key").read_bytes() == (root / ".scaling" / "munge.key").read_bytes()
         assert (home / "etc" / "munge" / "munge.key").stat().st_mode & 0o777 == 0o400
         conf = (home / "etc" / "slurm" / "slurm.conf").read_text().splitlines()
-        assert sum(line.startswith("NodeName=") for line in conf) == 2 and f"NodeAddr={NODES[1]}" in "".join(conf)
+        nodes_lines = [line for line in conf if line.startswith("NodeName=")]
+        assert len(nodes_lines) == 2, conf
+        for line, node in zip(nodes_lines, NODES, strict=True):
+            name = node.replace(".", "-")
+            assert re.fullmatch(rf"NodeName={name} NodeAddr={node} CPUs=\d+ RealMemory=\d+ State=UNKNOWN", line), line
         daemons = "munge slurmctld slurmd" if address == NODES[0] else "munge slurmd"
         assert (home / "restarts").read_text().split() == daemons.split()
     assert "first contact" not in err  # pinned keys are kept

@@ -67,6 +67,8 @@ def test_slurm_config_text_and_plan(tmp_path: Path) -> None:
     assert "AuthType=auth/munge" in conf and "AccountingStorageType=accounting_storage/none" in conf
     assert "NodeName=n1 NodeAddr=10.0.0.1 CPUs=16 RealMemory=60800 State=UNKNOWN" in conf
     assert "NodeName=n2 NodeAddr=10.0.0.2 CPUs=96 RealMemory=60800 Gres=gpu:8 State=UNKNOWN" in conf
+    with pytest.raises(ValueError, match="share the host name n1"):
+        slurm.slurm_conf("p", hosts, {host: FACTS for host in hosts})
     assert slurm.gres_conf(hosts, facts).splitlines()[1:] == ["NodeName=n2 Name=gpu File=/dev/nvidia[0-7]"]
 
     plan = slurm.slurm_steps(tmp_path, ProjectConfig(name="proj", hosts=hosts), facts)

@@ -47,9 +47,13 @@ def setup_all(cluster: Cluster, say: Callable[[str], None], with_slurm: bool = F
             why = f"not configured: {', '.join(sorted(bad))} failed the checks"
             skipped = [Row(node.host, "slurm", "skipped", why) for node in healthy]
         else:
-            per_host = slurm.slurm_steps(cluster.root, cluster.config, facts)
-            for host, steps in per_host.items():
-                plan[host] += steps
+            try:
+                per_host = slurm.slurm_steps(cluster.root, cluster.config, facts)
+            except ValueError as exc:
+                skipped = [Row(node.host, "slurm", "failed", str(exc)) for node in healthy]
+            else:
+                for host, steps in per_host.items():
+                    plan[host] += steps
     done = parallel(healthy, lambda node: _node_steps(cluster, node, check, send, plan[node.host]))
     by_host: dict[str, list[Row]] = {}
     for row in [*rows, *(r for node_rows in done for r in node_rows), *skipped]:

@@ -36,7 +36,9 @@ _HOME_PATH = r"""
 at_home() { case "$1" in "~/"*) printf '%s/%s' "$HOME" "${1#\~/}" ;; *) printf '%s' "$1" ;; esac; }
 """
 
-_MUNGE = _HOME_PATH + r"""
+_MUNGE = (
+    _HOME_PATH
+    + r"""
 set -- "$(at_home "$1")"
 new=$(mktemp)
 trap 'rm -f "$new"' EXIT
@@ -58,8 +60,11 @@ restart() {
 if [ "$state" = changed ] || ! pgrep -x munged >/dev/null; then restart munge; state=changed; fi
 echo "$state $1 (the project's key)"
 """
+)
 
-_CONFIG = _HOME_PATH + r"""
+_CONFIG = (
+    _HOME_PATH
+    + r"""
 set -- "$1" "$2" "$3" "$(at_home "$4")"
 state=unchanged
 $SUDO mkdir -p "$4"
@@ -83,6 +88,7 @@ for daemon in $3; do
 done
 echo "$state $4/slurm.conf, gres.conf; running: $3"
 """
+)
 
 
 def munge_key(root: Path) -> bytes:
@@ -104,7 +110,14 @@ def _cluster_name(name: str) -> str:
 
 
 def slurm_conf(name: str, hosts: Sequence[str], facts: Mapping[str, Mapping[str, str]]) -> str:
-    """``slurm.conf`` for ``hosts`` (the first is the controller) from each host's probe ``facts``."""
+    """``slurm.conf`` for ``hosts`` (the first is the controller) from each host's probe ``facts``.
+
+    Raises ``ValueError`` when two hosts report the same short host name (cloned machines): Slurm could
+    not tell their ``slurmd`` apart."""
+    names = [facts[host].get("hostname", host) for host in hosts]
+    twins = sorted({name for name in names if names.count(name) > 1})
+    if twins:
+        raise ValueError(f"hosts share the host name {', '.join(twins)}: slurmd finds its node by host name")
     first = facts[hosts[0]]
     lines = [
         "# written by scaling nodes setup --slurm: edit scaling.yml and run it again instead",
