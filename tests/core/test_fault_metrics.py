@@ -13,7 +13,7 @@ from scaling.core.data import DistributedDataLoader
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
-from scaling.core.runner.goodput import GoodputClock
+from scaling.core.runner.goodput import GoodputClock, carried_losses
 from scaling.core.runner.reports import RESTART_COUNT_ENV
 from scaling.core.runner.restarts import JOB_START_ENV
 from scaling.core.testing import run_distributed
@@ -122,3 +122,23 @@ def test_goodput_counts_rollbacks_from_the_checkpoint_and_save_stalls(monkeypatc
     metrics = clock.metrics(now=150.0)
     assert metrics["lost_to_rollbacks_s"] == pytest.approx(6.0) and metrics["lost_to_checkpoints_s"] == 4.0
     assert metrics["wall_s"] == 50.0 and metrics["goodput"] == pytest.approx(1.0 - 10.0 / 50.0)
+
+
+def test_a_restarted_attempt_carries_the_rollback_and_checkpoint_losses_of_the_step_it_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The previous attempt logged steps 2 and 4 (the kill came later); the new one resumes from step 2: what
+    # it had lost by step 2 is carried, what came after is part of the restart's own loss.
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "wall_time": 100.0 + s, "restarts": 0, "lost_to_rollbacks_s": float(s),
+                "lost_to_checkpoints_s": 0.5 * s} for s in (2, 4)]  # fmt: skip
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert carried_losses(metrics, 2, job_start=99.0) == (2.0, 1.0)
+    assert carried_losses(metrics, 1, job_start=99.0) == (0.0, 0.0)
+    monkeypatch.setenv(JOB_START_ENV, "99")
+    monkeypatch.setenv(RESTART_COUNT_ENV, "1")
+    clock = GoodputClock.for_attempt(tmp_path, 2, now=110.0)
+    metrics_now = clock.metrics(now=120.0)
+    assert (metrics_now["lost_to_rollbacks_s"], metrics_now["lost_to_checkpoints_s"]) == (2.0, 1.0)
+    assert metrics_now["lost_to_restarts_s"] == pytest.approx(110.0 - 102.0)
+    _consistent(metrics_now)

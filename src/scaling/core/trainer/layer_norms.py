@@ -51,6 +51,7 @@ class LayerNormRing:
         self.names = [every[i] for i in self._kept]
         self._ring: deque[tuple[int, torch.Tensor]] = deque(maxlen=steps + 1)  # (step, norms) incl. the newest
         self._after = 0  # executed steps left that log their norms (set by an event)
+        self._index: tuple[list[int], torch.Tensor] | None = None  # each gradient's layer, on the device
 
     @property
     def enabled(self) -> bool:
@@ -72,7 +73,9 @@ class LayerNormRing:
                 layers.append(layer)
         if grads:
             norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).to(squares.device)
-            squares.index_add_(0, torch.tensor(layers, device=squares.device), norms.pow(2))
+            if self._index is None or self._index[0] != layers:  # the same every step: copied to the device once
+                self._index = (layers, torch.tensor(layers, device=squares.device))
+            squares.index_add_(0, self._index[1], norms.pow(2))
         self._all_reduce(squares)
         self._ring.append((step, squares[self._kept].sqrt() / self.optimizer.loss_scale))
 

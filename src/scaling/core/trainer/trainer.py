@@ -6,9 +6,11 @@ rank that holds the metrics (last pipeline stage, dp 0, tp 0); global rank 0 pri
 the console and, when stderr is a terminal, draws a progress bar (see :mod:`scaling.core.trainer.console`).
 Steps with a non-finite loss or gradient norm are skipped and counted, and stop the run when they do not
 end (:mod:`scaling.core.trainer.nonfinite`); spikes, the policy per kind of bad step (skip, rollback,
-abort) and the bad-batch ledger are :mod:`scaling.core.trainer.spikes`. On SIGTERM or SIGINT the loop
-finishes the current step, saves a checkpoint and returns; all ranks agree on stopping through one tiny
-all-reduce per step.
+abort) and the bad-batch ledger are :mod:`scaling.core.trainer.spikes`; the per-layer gradient norms of the
+steps around such an event, :mod:`scaling.core.trainer.layer_norms`. Every record carries the goodput and
+the time lost to restarts, rollbacks and checkpoint stalls (:mod:`scaling.core.runner.goodput`). On SIGTERM
+or SIGINT the loop finishes the current step, saves a checkpoint and returns; all ranks agree on stopping
+through one tiny all-reduce per step.
 """
 
 from __future__ import annotations
