@@ -1,7 +1,8 @@
 """Fixtures of the queue tests: one private Slurm for the whole session, and a tiny project to queue.
 
-The cluster (:mod:`tests.cluster.slurm_cluster`) is started once, on first use, and stopped at the end: every
-job it still has is cancelled and waited for, then its daemons are killed by their pid files.
+The cluster (:mod:`tests.cluster.slurm_cluster`: two nodes of 2 CPUs, both slurmds on this machine) is
+started once, on first use, and stopped at the end: every job it still has is cancelled and waited for, then
+its daemons are killed by their pid files.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def mark(params):
     time.sleep(params.seconds)
     if params.fail:
         raise RuntimeError(f"failing on purpose ({params.fail})")
-    (run.run_dir / "times.json").write_text(json.dumps({"start": start, "end": time.time()}))
+    times = {"start": start, "end": time.time(), "node": os.environ.get("SLURMD_NODENAME"),
+             "world_size": int(os.environ.get("WORLD_SIZE", "1"))}  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        (run.run_dir / "times.json").write_text(json.dumps(times))
 
 
 def _problem():
@@ -90,8 +94,8 @@ def train(params):
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     root = tmp_path_factory.mktemp("slurm")
-    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True, timeout=10).stdout.strip()
-    cluster = SlurmCluster(root, node, cpus=2)
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, timeout=10).stdout.strip()
+    cluster = SlurmCluster(root, host, cpus=2, nodes=2)
     try:
         cluster.start()
         yield cluster

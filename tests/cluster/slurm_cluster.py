@@ -1,4 +1,8 @@
-"""A private single-node Slurm (munged, slurmctld, slurmd) in a scratch directory, for the queue tests.
+"""A private Slurm (munged, slurmctld, one slurmd per node) in a scratch directory, for the queue tests.
+
+Its nodes ``n1``, ``n2``... are all this machine: each has its own slurmd (``slurmd -N NAME``, which Debian's
+build supports), port, spool, pid and log file, and its address (``NodeHostname``) is this host, so a job
+of ``--nodes 2`` really runs one task on each slurmd and its torchruns rendezvous across them.
 
 Nothing of the machine's own Slurm configuration is used: the daemons read ``DIR/slurm.conf`` (free ports,
 state, spool, logs and pid files under ``DIR``) and authenticate through a munged with its own key and
@@ -19,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DAEMONS = ("slurmd", "slurmctld", "munged")  # stopped in this order
+DAEMONS = ("slurmctld", "munged")  # stopped in this order, after the slurmds
 
 
 class SlurmUnavailable(RuntimeError):
@@ -42,8 +46,13 @@ def _memory_mb() -> int:
 @dataclass
 class SlurmCluster:
     root: Path
-    node: str
-    cpus: int
+    host: str  # this machine's short name: every node's address
+    cpus: int  # of each node
+    nodes: int = 2
+
+    @property
+    def node_names(self) -> list[str]:
+        return [f"n{i + 1}" for i in range(self.nodes)]
 
     @property
     def conf(self) -> Path:
@@ -67,24 +76,28 @@ class SlurmCluster:
         return self.root / f"{daemon}.pid"
 
     def write_config(self) -> None:
-        root, node = self.root, self.node
+        root = self.root
         munge = root / "munge"
+        memory = _memory_mb() // self.nodes
+        node_lines = [
+            f"NodeName={name} NodeHostname={self.host} Port={_free_port()} CPUs={self.cpus} RealMemory={memory}"
+            for name in self.node_names
+        ]
         self.conf.write_text(
             "\n".join(
                 [
                     "ClusterName=scalingtest",
-                    f"SlurmctldHost={node}",
+                    f"SlurmctldHost={self.host}",
                     f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
                     "AuthType=auth/munge",
                     f"AuthInfo=socket={munge}/munge.socket",
                     "CredType=cred/munge",
                     f"StateSaveLocation={root}/state",
-                    f"SlurmdSpoolDir={root}/spool",
+                    f"SlurmdSpoolDir={root}/spool/%n",
                     f"SlurmctldPidFile={self.pid_file('slurmctld')}",
-                    f"SlurmdPidFile={self.pid_file('slurmd')}",
+                    f"SlurmdPidFile={root}/slurmd.%n.pid",
                     f"SlurmctldLogFile={root}/log/slurmctld.log",
-                    f"SlurmdLogFile={root}/log/slurmd.log",
+                    f"SlurmdLogFile={root}/log/slurmd.%n.log",
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     "ProctrackType=proctrack/linuxproc",
@@ -100,8 +113,8 @@ class SlurmCluster:
                     "KillWait=10",
                     "MinJobAge=300",
                     "InactiveLimit=0",
-                    f"NodeName={node} CPUs={self.cpus} RealMemory={_memory_mb()} State=UNKNOWN",
-                    f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
+                    *node_lines,
+                    f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP",
                     "",
                 ]
             )
@@ -112,7 +125,7 @@ class SlurmCluster:
             if shutil.which(binary) is None and not Path(f"/usr/sbin/{binary}").exists():
                 raise SlurmUnavailable(f"{binary} is not installed (Debian: apt-get install slurm-wlm munge)")
         root = self.root
-        for sub in ("munge", "state", "spool", "log"):
+        for sub in ("munge", "state", "log", *(f"spool/{name}" for name in self.node_names)):
             (root / sub).mkdir(parents=True, exist_ok=True)
         munge = root / "munge"
         key = munge / "munge.key"
@@ -125,28 +138,29 @@ class SlurmCluster:
             f"--log-file={root}/log/munged.log", f"--seed-file={munge}/munge.seed", "-f",
         )  # fmt: skip
         self._daemon("slurmctld", "-c", "-f", str(self.conf))
-        self._daemon("slurmd", "-f", str(self.conf))
+        for name in self.node_names:
+            self._daemon("slurmd", "-N", name, "-f", str(self.conf), pid_name=f"slurmd.{name}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = self.run("sinfo", "-h", "-o", "%T", timeout=10).stdout.strip()
-            if state in ("idle", "mixed", "allocated"):
+            states = self.run("sinfo", "-h", "-N", "-o", "%T", timeout=10).stdout.split()
+            if len(states) == self.nodes and all(state == "idle" for state in states):
                 return
             time.sleep(0.3)
         logs = "\n".join(p.read_text(errors="replace")[-1500:] for p in sorted((root / "log").glob("*.log")))
         raise SlurmUnavailable(f"the private Slurm did not come up within {timeout:.0f} s:\n{logs}")
 
-    def _daemon(self, name: str, *args: str) -> None:
+    def _daemon(self, name: str, *args: str, pid_name: str | None = None) -> None:
         binary = shutil.which(name) or f"/usr/sbin/{name}"
         done = subprocess.run([binary, *args], env=self.env(), capture_output=True, text=True, timeout=30)
         if done.returncode != 0:
             raise SlurmUnavailable(f"{name} did not start (exit {done.returncode}): {done.stderr.strip()}")
         deadline = time.monotonic() + 10
-        while not self.pid_file(name).exists() and time.monotonic() < deadline:
+        while not self.pid_file(pid_name or name).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 15) -> None:
         """Kill every daemon (its pid file's process only) and wait until each is gone."""
-        for name in DAEMONS:
+        for name in [*(f"slurmd.{node}" for node in self.node_names), *DAEMONS]:
             try:
                 pid = int(self.pid_file(name).read_text().strip())
             except (OSError, ValueError):

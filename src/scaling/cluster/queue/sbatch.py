@@ -95,6 +95,9 @@ def render_script(spec: JobSpec) -> str:
 
 set -u
 FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# Its address (NodeAddr), where it differs from the node's name; the rendezvous store listens there.
+FIRST_ADDR=$(scontrol show node "$FIRST_NODE" | awk -F'NodeAddr=' 'NF > 1 {{ split($2, a, " "); print a[1] }}')
+FIRST_NODE=${{FIRST_ADDR:-$FIRST_NODE}}
 RDZV_PORT=$(( {spec.rdzv_port_base} + SLURM_JOB_ID % 10000 ))
 {python} -m scaling.cluster.queue.job_step begin --run-dir {run_dir} || exit $?
 
