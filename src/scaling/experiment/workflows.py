@@ -8,7 +8,10 @@ It writes into ``.github/workflows/``:
 - ``run_EXPERIMENT.yml`` per experiment: a ``workflow_dispatch`` form whose inputs are the experiment's
   ``@param``\\ s (a ``choice`` of the options, ``boolean``, ``number`` or ``string``, with the default even
   when it is falsy) plus ``run_name``, and a job that runs ``scaling run EXPERIMENT`` on the runner, so the
-  job fails when the run fails, then prints the tail of the run's log;
+  job fails when the run fails, then prints the tail of the run's log; in a project whose runs go through
+  Slurm (``scheduler: slurm`` in ``scaling.yml``) the job instead hands the run to
+  ``scaling queue submit EXPERIMENT`` on the runner (a host with the Slurm client) and prints
+  ``scaling queue status RUN_NAME``: the run waits in Slurm's queue, and ``scaling queue list`` follows it;
 - ``cancel.yml``: ``scaling queue cancel RUN_NAME``.
 
 Why the workflows are shaped as they are:
@@ -289,6 +292,11 @@ def _deploy_workflow(config: ProjectConfig) -> dict[str, Any]:
     )
 
 
+def uses_queue(config: ProjectConfig) -> bool:
+    """Whether the project's runs go through Slurm (``scheduler: slurm`` in ``scaling.yml``)."""
+    return getattr(config, "scheduler", "local") == "slurm"
+
+
 def _run_workflow(config: ProjectConfig, experiment: Experiment[Any]) -> dict[str, Any]:
     params = experiment.params
     inputs: dict[str, Any] = {
@@ -302,12 +310,22 @@ def _run_workflow(config: ProjectConfig, experiment: Experiment[Any]) -> dict[st
     }
     inputs.update({p.name: _input(p) for p in params})
     secrets = _secret_names(config)
-    command = 'scaling run "$EXPERIMENT" --run-name "$RUN_NAME"'
+    queued = uses_queue(config)
+    verb = "scaling queue submit" if queued else "scaling run"
+    command = f'{verb} "$EXPERIMENT" --run-name "$RUN_NAME"'
     command += "".join(f' \\\n  --param "{p.name}=${_env_name(p)}"' for p in params)
     run_env = {"RUN_NAME": "${{ steps.run_name.outputs.run_name }}"}
     run_env.update({_env_name(p): f"${{{{ inputs.{p.name} }}}}" for p in params})
     run_env.update({name: f"${{{{ secrets.{name} }}}}" for name in secrets})
-    ssh_start, ssh_stop = _ssh_steps(config)
+    # Through the queue, Slurm starts the processes on its nodes: the runner only submits, no SSH session.
+    ssh_start, ssh_stop = ([], []) if queued else _ssh_steps(config)
+    report = {
+        "name": "Queue status",
+        "id": "queue_status",
+        "if": "always()",
+        "env": {"RUN_NAME": "${{ steps.run_name.outputs.run_name }}"},
+        "run": 'scaling queue status "$RUN_NAME"\n',
+    }
     steps = [
         _checkout(),
         _environment(),
@@ -319,12 +337,14 @@ def _run_workflow(config: ProjectConfig, experiment: Experiment[Any]) -> dict[st
         },
         *ssh_start,
         {
-            "name": f"scaling run {experiment.name}",
+            "name": f"{verb} {experiment.name}",
             "id": "run",
             "env": run_env,
             "run": _unset_empty(secrets) + command + "\n",
         },
-        {
+        report
+        if queued
+        else {
             "name": "Log tail",
             "id": "log_tail",
             "if": "always()",
@@ -350,7 +370,8 @@ def _run_workflow(config: ProjectConfig, experiment: Experiment[Any]) -> dict[st
 
 def _cancel_workflow(config: ProjectConfig) -> dict[str, Any]:
     inputs = {"run_name": {"description": "Name of the run to cancel", "type": "string", "required": True}}
-    ssh_start, ssh_stop = _ssh_steps(config)
+    # Through the queue, scancel on the runner reaches the job: no SSH session.
+    ssh_start, ssh_stop = ([], []) if uses_queue(config) else _ssh_steps(config)
     steps = [
         _checkout(),
         _environment(),
