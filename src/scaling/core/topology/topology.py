@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 from scaling.core.runner.lifetime import die_with_parent
 from scaling.core.topology.config import TopologyConfig
@@ -198,7 +199,13 @@ def init_distributed(config: TopologyConfig, *, timeout_s: float | None = None) 
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(choice.backend, timeout=timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            if attempt in ("", "0"):
+                dist.init_process_group(choice.backend, timeout=timeout)
+            else:  # a restart: the launcher's store (a fixed runner.master_port) still holds the last attempt's keys
+                store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+                store = dist.PrefixStore(f"scaling/attempt{attempt}", store)  # type: ignore[attr-defined]
+                dist.init_process_group(choice.backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         else:
             store = dist.HashStore()  # type: ignore[attr-defined]
             dist.init_process_group(choice.backend, store=store, rank=0, world_size=1, timeout=timeout)

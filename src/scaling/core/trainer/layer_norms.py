@@ -64,7 +64,8 @@ class LayerNormRing:
         if not self.enabled:
             return
         topo = self.module.topology
-        squares = torch.zeros(len(self.names), dtype=torch.float32, device=topo.device)
+        # Indexed by pipeline layer (every stage's), then narrowed to the layers with weights of their own.
+        squares = torch.zeros(len(self.module.specs), dtype=torch.float32, device=topo.device)
         grads, layers = [], []
         for name, layer in self._params:
             grad = self.module.main_grad(name)
