@@ -58,6 +58,11 @@ class ProjectConfig(BaseConfig):
     runtime: Literal["venv", "docker"] = Field(
         "venv", description="How nodes run the code: 'venv' (pinned requirements) or 'docker' (the Dockerfile)."
     )
+    scheduler: Literal["local", "slurm"] = Field(
+        "local",
+        description="How runs start: 'local' (`scaling run`) or 'slurm' (the generated run workflows submit "
+        "through `scaling queue submit`).",
+    )
     ssh_identity: str | None = Field(
         None,
         description="Private key that logs into the hosts (absolute, or relative to the project root); "

@@ -294,7 +294,7 @@ def _deploy_workflow(config: ProjectConfig) -> dict[str, Any]:
 
 def uses_queue(config: ProjectConfig) -> bool:
     """Whether the project's runs go through Slurm (``scheduler: slurm`` in ``scaling.yml``)."""
-    return getattr(config, "scheduler", "local") == "slurm"
+    return config.scheduler == "slurm"
 
 
 def _run_workflow(config: ProjectConfig, experiment: Experiment[Any]) -> dict[str, Any]:

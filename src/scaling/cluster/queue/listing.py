@@ -33,8 +33,12 @@ def _elapsed(record: dict[str, Any]) -> str:
 
 
 def run_state(run: QueuedRun, job: slurm.JobState | None) -> str:
-    """What the run is now: Slurm's state while its job lives, else the record's final word."""
-    if job is not None and job.state in LIVE_STATES and run.record.get("status") != "cancelled":
+    """What the run is now: Slurm's state while its job lives, else the record's final word.
+
+    A completed or cancelled run is never requeued, so its record wins even while Slurm still lists the job
+    (the batch shell's last lines run after the job step has recorded the end)."""
+    final = run.record.get("status") in ("completed", "cancelled")
+    if job is not None and job.state in LIVE_STATES and not final:
         return job.state.lower()
     status = str(run.record.get("status"))
     if status == "failed" and run.record.get("exit_code") is not None:
