@@ -82,7 +82,7 @@ def test_jobs_run_in_order_exclusive_apart_and_shared_together(on_cluster: Slurm
     a rendezvous of 2 ranks), then three 1-CPU shared jobs, which run at the same time."""
     slurm = on_cluster
     runs = [("e1", ("--nodes", "2")), ("e2", ("--nodes", "2"))]
-    runs += [(name, (*SHARED, "--param", "seconds=3")) for name in ("s1", "s2", "s3")]
+    runs += [(name, (*SHARED, "--param", "seconds=5")) for name in ("s1", "s2", "s3")]  # start-up spread < 5 s
     for name, args in runs:
         _submit(slurm, project, "mark", name, *args)
     code, listing, err = _queue(project, "list")
