@@ -82,13 +82,11 @@ _DEPLOY_KEY = r"""
 umask 077
 mkdir -p "$BASE"
 state=unchanged
+place() {  # NEW TARGET: TARGET becomes NEW unless it already holds exactly that
+  if [ -f "$2" ] && cmp -s "$1" "$2"; then rm -f "$1"; else mv "$1" "$2"; state=changed; fi
+}
 cat > "$BASE/.deploy_key.new"
-if [ -f "$BASE/deploy_key" ] && cmp -s "$BASE/.deploy_key.new" "$BASE/deploy_key"; then
-  rm -f "$BASE/.deploy_key.new"
-else
-  mv "$BASE/.deploy_key.new" "$BASE/deploy_key"
-  state=changed
-fi
+place "$BASE/.deploy_key.new" "$BASE/deploy_key"
 chmod 600 "$BASE/deploy_key"
 {
   echo '#!/bin/sh'
@@ -98,12 +96,7 @@ chmod 600 "$BASE/deploy_key"
   printf ' -o StrictHostKeyChecking=accept-new'
   printf ' -o UserKnownHostsFile="%s" "$@"\n' "$BASE/git_known_hosts"
 } > "$BASE/.git-ssh.new"
-if [ -f "$BASE/git-ssh" ] && cmp -s "$BASE/.git-ssh.new" "$BASE/git-ssh"; then
-  rm -f "$BASE/.git-ssh.new"
-else
-  mv "$BASE/.git-ssh.new" "$BASE/git-ssh"
-  state=changed
-fi
+place "$BASE/.git-ssh.new" "$BASE/git-ssh"
 chmod 700 "$BASE/git-ssh"
 echo "$state key in $BASE/deploy_key; fetch with GIT_SSH_COMMAND=$BASE/git-ssh git clone ..."
 """
