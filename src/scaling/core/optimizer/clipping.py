@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-__all__ = ["clip_grads_", "global_grad_norm"]
+__all__ = ["clip_grads_", "global_grad_norm", "grad_norm_by_bucket"]
 
 
 def global_grad_norm(
@@ -21,15 +21,30 @@ def global_grad_norm(
 ) -> torch.Tensor:
     """L2 norm of the full model's gradient from this rank's counted ``grads`` (each weight once over the
     model-parallel ``group``), identical on every rank of the group; inf/nan propagate."""
+    return grad_norm_by_bucket(grads, group, device)[0]
+
+
+def grad_norm_by_bucket(
+    grads: Iterable[torch.Tensor],
+    group: dist.ProcessGroup | None,
+    device: torch.device | None = None,
+    bucket_of: torch.Tensor | None = None,
+    n_buckets: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`global_grad_norm`, and the squared norm of each of ``n_buckets`` buckets (``bucket_of[i]``:
+    the bucket of ``grads[i]``, e.g. its pipeline layer), summed over ``group`` in the same all-reduce, so
+    per-layer norms cost no extra pass over the gradients and no extra collective."""
     grads = list(grads)
     device = grads[0].device if grads else (device or torch.device("cpu"))  # a rank may hold no gradients
-    squares = torch.zeros((), dtype=torch.float32, device=device)
+    values = torch.zeros(1 + n_buckets, dtype=torch.float32, device=device)  # [total, bucket 0, bucket 1, ...]
     if grads:  # one multi-tensor kernel instead of a pow and a sum per parameter
-        norms = torch._foreach_norm([g.detach() for g in grads], 2.0, dtype=torch.float32)
-        squares = squares + torch.stack(norms).pow(2).sum()
+        squares = torch.stack(torch._foreach_norm([g.detach() for g in grads], 2.0, dtype=torch.float32)).pow(2)
+        values[0] = squares.sum()
+        if n_buckets and bucket_of is not None:
+            values[1:].index_add_(0, bucket_of, squares)
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(squares, group=group)
-    return squares.sqrt()
+        dist.all_reduce(values, group=group)
+    return values[0].sqrt(), values[1:]
 
 
 def clip_grads_(grads: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from torch.optim.adamw import adamw
 
 from scaling.core.config import ConfigError
 from scaling.core.logging import get_logger
-from scaling.core.optimizer.clipping import clip_grads_, global_grad_norm
+from scaling.core.optimizer.clipping import clip_grads_, grad_norm_by_bucket
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.loss_scaler import DynamicLossScaler
 from scaling.core.optimizer.lr_schedule import learning_rate_at
@@ -63,6 +63,9 @@ class OptimizerStepResult:
     skipped: bool = False
     grad_norm_value: float = 0.0  # the norm on the host, read once for the skip decision (no further sync)
     loss_scale_exhausted: bool = False  # fp16: an overflow at the scaler's minimum scale; the run must stop
+    # The squared gradient norm of each pipeline layer (counted as the global norm, before clipping), from
+    # the same reduction as the norm; empty unless the optimizer was given each parameter's layer.
+    layer_grad_squares: torch.Tensor | None = None
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -77,6 +80,8 @@ class Optimizer(torch.optim.Optimizer):
         grad_of: the final gradient of a parameter by name (default: its ``.grad``).
         counted_in_norm: the names this rank adds to the global norm (default: all of them).
         loss_scaling: fp16 compute: dynamic loss scaling (``config.loss_scaler``).
+        layer_of: each parameter's pipeline layer (of ``n_layers``): the step then also returns the
+            per-layer squared gradient norms, from the norm's own reduction.
     """
 
     def __init__(
@@ -88,6 +93,8 @@ class Optimizer(torch.optim.Optimizer):
         grad_of: Callable[[str], torch.Tensor | None] | None = None,
         counted_in_norm: Collection[str] | None = None,
         loss_scaling: bool = False,
+        layer_of: Mapping[str, int] | None = None,
+        n_layers: int = 0,
     ) -> None:
         self.config = config
         self.topology = topology or Topology.single()
@@ -118,6 +125,8 @@ class Optimizer(torch.optim.Optimizer):
         self._counted = set(names if counted_in_norm is None else counted_in_norm)
         self.scaler = DynamicLossScaler(config.loss_scaler) if loss_scaling and config.loss_scaler.enable else None
         self._calls = 0
+        self._layer_of, self._n_layers = (dict(layer_of), n_layers) if layer_of is not None else ({}, 0)
+        self._buckets: tuple[list[str], torch.Tensor] | None = None  # the counted names' layers, on the device
         for name, p in named:
             self._init_state(name, p)
 
@@ -141,6 +150,8 @@ class Optimizer(torch.optim.Optimizer):
             grad_of=module.main_grad,
             counted_in_norm=module.names_counted_in_norm(),
             loss_scaling=module.dtype == torch.float16,
+            layer_of={record.name: record.layer for record in module.param_table.values()},
+            n_layers=len(module.specs),
         )
 
     def _own_grad(self, name: str) -> torch.Tensor | None:
@@ -190,10 +201,14 @@ class Optimizer(torch.optim.Optimizer):
         if self.scaler is not None and grads:
             torch._foreach_mul_(list(grads.values()), 1.0 / self.scaler.scale)
         topology = self.topology
-        counted = [g for name, g in grads.items() if name in self._counted]
+        names = [name for name in grads if name in self._counted]
+        counted = [grads[name] for name in names]
         # Shards over dp x weights over tp and pp: with sharded parameters every rank holds a distinct part.
         norm_group = dist.group.WORLD if self.sharded else topology.model_group
-        norm = global_grad_norm(counted, norm_group, topology.device)
+        norm, layer_squares = grad_norm_by_bucket(
+            counted, norm_group, topology.device, self._bucket_index(names), self._n_layers
+        )
+        layers = layer_squares if self._n_layers else None
         # The one host sync of the step: skip or not (the loss travels in the same copy).
         checked = [norm.float()] if loss is None else [norm.float(), loss.detach().float().to(norm.device)]
         values = torch.stack(checked).tolist()
@@ -219,7 +234,14 @@ class Optimizer(torch.optim.Optimizer):
                 self.loss_scale,
             )
             return OptimizerStepResult(
-                norm, norm, lrs, scale_before, skipped=True, grad_norm_value=norm_value, loss_scale_exhausted=exhausted
+                norm,
+                norm,
+                lrs,
+                scale_before,
+                skipped=True,
+                grad_norm_value=norm_value,
+                loss_scale_exhausted=exhausted,
+                layer_grad_squares=layers,
             )
         clipped = norm
         if self.config.gradient_clipping > 0 and grads:
@@ -231,7 +253,18 @@ class Optimizer(torch.optim.Optimizer):
         scale_used = self.loss_scale
         if self.scaler is not None:
             self.scaler.update(found_overflow=False)
-        return OptimizerStepResult(norm, clipped, lrs, scale_used, grad_norm_value=norm_value)
+        return OptimizerStepResult(
+            norm, clipped, lrs, scale_used, grad_norm_value=norm_value, layer_grad_squares=layers
+        )
+
+    def _bucket_index(self, names: list[str]) -> torch.Tensor | None:
+        """The layer of each counted gradient, as a device tensor built once (the names are the same every step)."""
+        if not self._n_layers:
+            return None
+        if self._buckets is None or self._buckets[0] != names:
+            index = torch.tensor([self._layer_of[n] for n in names], dtype=torch.long, device=self.topology.device)
+            self._buckets = (names, index)
+        return self._buckets[1]
 
     @torch.no_grad()
     def _update(self, group: dict[str, Any], grads: dict[str, torch.Tensor]) -> None:

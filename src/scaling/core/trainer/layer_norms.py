@@ -7,10 +7,10 @@ of the last ``layer_norm_steps`` steps in a small ring; an event writes the ring
 the event's own step) into its ledger entry, and the event's step and the ``layer_norm_steps`` executed
 steps after it carry the per-layer norms in their metrics record (``layer_grad_norm/<layer>``).
 
-The norms are measured from the final gradients before the optimizer step (before clipping), with the
-same counting as the global norm (each weight once over tensor-parallel ranks, pipeline stages and, for
-ZeRO shards, data-parallel ranks): one all-reduce of one float per layer per step, on the device. They are
-read to the host only for an event or a record that carries them.
+The norms come from the optimizer's step, which reduces the squared norm of every layer in the same
+all-reduce as the global norm (the same gradients, unscaled and before clipping, counted the same way:
+each weight once over tensor-parallel ranks, pipeline stages and, for ZeRO shards, data-parallel ranks).
+They stay on the device and are read to the host only for an event or a record that carries them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from scaling.core.optimizer.optimizer import Optimizer
+from scaling.core.optimizer.optimizer import Optimizer, OptimizerStepResult
 from scaling.core.pipeline.module import ParallelModule
 
 __all__ = ["LayerNormRing", "layer_names"]
@@ -39,11 +39,11 @@ class LayerNormRing:
         """Collective (when ``steps`` > 0): which layers own trainable weights is summed over the norm's group."""
         self.module, self.optimizer, self.steps = module, optimizer, steps
         counted = set(module.names_counted_in_norm())
-        self._params = [(r.name, r.layer) for r in module.param_table.values() if r.name in counted and r.trainable]
+        layers = [r.layer for r in module.param_table.values() if r.name in counted and r.trainable]
         self._kept: list[int] = []  # layers with weights of their own (a tied head's weight counts at the embedding)
         if self.enabled:
             owned = torch.zeros(len(module.specs), dtype=torch.float32, device=module.topology.device)
-            for _, layer in self._params:
+            for layer in layers:
                 owned[layer] += 1
             self._all_reduce(owned)
             self._kept = [i for i, n in enumerate(owned.tolist()) if n > 0]
@@ -51,34 +51,16 @@ class LayerNormRing:
         self.names = [every[i] for i in self._kept]
         self._ring: deque[tuple[int, torch.Tensor]] = deque(maxlen=steps + 1)  # (step, norms) incl. the newest
         self._after = 0  # executed steps left that log their norms (set by an event)
-        self._index: tuple[list[int], torch.Tensor] | None = None  # each gradient's layer, on the device
 
     @property
     def enabled(self) -> bool:
         return self.steps > 0
 
-    def measure(self, step: int) -> None:
-        """Take the norms of the step that completes as ``step`` (1-based) from the module's final gradients.
-
-        Collective over the norm's group: every rank calls it every step (before the optimizer step)."""
-        if not self.enabled:
-            return
-        topo = self.module.topology
-        # Indexed by pipeline layer (every stage's), then narrowed to the layers with weights of their own.
-        squares = torch.zeros(len(self.module.specs), dtype=torch.float32, device=topo.device)
-        grads, layers = [], []
-        for name, layer in self._params:
-            grad = self.module.main_grad(name)
-            if grad is not None:
-                grads.append(grad.detach())
-                layers.append(layer)
-        if grads:
-            norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).to(squares.device)
-            if self._index is None or self._index[0] != layers:  # the same every step: copied to the device once
-                self._index = (layers, torch.tensor(layers, device=squares.device))
-            squares.index_add_(0, self._index[1], norms.pow(2))
-        self._all_reduce(squares)
-        self._ring.append((step, squares[self._kept].sqrt() / self.optimizer.loss_scale))
+    def measure(self, step: int, update: OptimizerStepResult) -> None:
+        """Keep the per-layer norms of the step that completed as ``step`` (1-based): the optimizer's step
+        reduced them with the global norm (unscaled, before clipping), so nothing is computed here."""
+        if self.enabled and update.layer_grad_squares is not None:
+            self._ring.append((step, update.layer_grad_squares[self._kept].sqrt()))
 
     def _all_reduce(self, values: torch.Tensor) -> None:
         """Sum over the ranks whose gradients make up the model's norm (every rank when weights are sharded)."""

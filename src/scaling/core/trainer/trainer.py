@@ -351,9 +351,9 @@ class Trainer:
                 watchdog.beat("forward/backward", step)
                 result = self.module.train_step(batches, step=step, loss_scale=self.optimizer.loss_scale)
                 watchdog.beat("optimizer", step)
-                norms.measure(step + 1)  # per-layer gradient norms, kept for the steps around an event
                 with guard.learning_rate(self.optimizer, step):  # lowered for a while after a rollback
                     update = self.optimizer.step(step, guard.loss_for_update(result.loss, self.module, self.optimizer))
+                norms.measure(step + 1, update)  # per-layer gradient norms, kept for the steps around an event
                 self.context.step += 1
                 self.context.consumed_samples = self.train_data.consumed
                 event = guard.judge(self.context.step, update, result.loss)  # spikes and non-finite steps
