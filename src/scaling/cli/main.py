@@ -59,6 +59,7 @@ DELEGATED = {
         "Queue experiments on Slurm and follow them (submit, list, status, logs, cancel).",
         "scaling.cluster.queue.command",
     ),
+    "report": ("Plot runs and compare them in one self-contained HTML page.", "scaling.experiment.report.command"),
 }
 
 
