@@ -82,6 +82,18 @@ class TrainerConfig(BaseConfig):
         "(skipped, not applied). fp16 overflows follow the loss scaler instead: only one at its minimum "
         "scale stops the run.",
     )
+    mfu_device: str = Field(
+        "auto",
+        description="The device MFU and HFU are reported against: 'auto' (the device table's entry for the local "
+        "GPU; no MFU on CPUs and GPUs the table does not know), a table name ('h100', 'a100', ...), or "
+        "'measured' (what a short matmul in the compute dtype reaches on this machine, timed once at start).",
+    )
+    straggler_threshold: float = Field(
+        0.2,
+        gt=0,
+        description="Warn when the slowest rank's busy time (step time minus time waiting on communication), "
+        "gathered every log_interval, exceeds the median rank's by more than this fraction.",
+    )
     spikes: SpikeConfig = Field(
         default_factory=SpikeConfig,
         description="Loss and gradient-norm spikes, what each bad step does (skip, rollback, abort), how many "
@@ -96,4 +108,15 @@ class TrainerConfig(BaseConfig):
             raise InvalidCombination("assert_checkpoint_loaded needs load_dir", "load_dir")
         if self.spikes.uses_rollback and self.save_dir is None and self.load_dir is None:
             raise InvalidCombination("a 'rollback' policy in trainer.spikes needs save_dir (or load_dir)", "save_dir")
+        if self.mfu_device not in ("auto", "measured"):
+            from scaling.core.planner.devices import DEVICES, device_spec  # the table, only when one is named
+
+            try:
+                device_spec(self.mfu_device)
+            except KeyError:
+                raise InvalidCombination(
+                    f"unknown device {self.mfu_device!r}: give 'auto', 'measured' or one of "
+                    f"{', '.join(sorted(DEVICES))}",
+                    "mfu_device",
+                ) from None
         return self

@@ -11,6 +11,13 @@ steps around such an event, :mod:`scaling.core.trainer.layer_norms`. Every recor
 the time lost to restarts, rollbacks and checkpoint stalls (:mod:`scaling.core.runner.goodput`). On SIGTERM
 or SIGINT the loop finishes the current step, saves a checkpoint and returns; all ranks agree on stopping
 through one tiny all-reduce per step.
+
+On the steps logged at the interval (and the first and last) the record also holds the honest-metrics set
+(:mod:`scaling.core.profiler`, docs/metrics.md): model and hardware TFLOP/s per device, MFU and HFU
+against ``trainer.mfu_device`` (when the model's FLOPs per token are given), the time split of the step
+(data, forward, backward, optimizer, pipeline wait, exposed gradient sync), the peak memory over ranks,
+and the straggler report: one small all-gather of every rank's step and busy time, with a warning on
+rank 0 when the slowest rank lags the median by more than ``trainer.straggler_threshold``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,18 @@ from scaling.core.data.loader import DistributedDataLoader
 from scaling.core.logging import MetricsLogger, get_logger
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
+from scaling.core.profiler import (
+    COMMUNICATION_PHASES,
+    IntervalTimes,
+    RankSample,
+    StepTimer,
+    TokenFlops,
+    gather_rank_samples,
+    peak_flops_for,
+    peak_memory_bytes,
+    reset_peak_memory,
+    throughput_metrics,
+)
 from scaling.core.runner.goodput import GoodputClock
 from scaling.core.runner.restarts import resume_after_restart
 from scaling.core.topology.rng import RngTracker
@@ -77,6 +96,7 @@ class Trainer:
         metrics: MetricsLogger | None = None,
         rng_tracker: RngTracker | None = None,
         checkpoint_files: Mapping[str, str | Path] | None = None,
+        flops: TokenFlops | None = None,
     ) -> None:
         self.config = resume_after_restart(config)  # a restarted attempt (--max-restarts) continues from save_dir
         self.context = context
@@ -93,6 +113,8 @@ class Trainer:
         self.stop_signal: int | None = None  # the signal that asked this rank to stop, if one did
         self.history: list[dict[str, float]] = []  # what was logged, for callers and tests
         self._saver: AsyncCheckpointer | None = None  # trainer.async_save: created by run() on every rank
+        self.flops = flops  # model and hardware FLOPs per token, for TFLOP/s, MFU and HFU; none when unknown
+        self.peak_flops: float | None = None  # one device's peak for the compute dtype (trainer.mfu_device)
 
     # Checkpoints -----------------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, torch.Tensor]:
@@ -334,6 +356,14 @@ class Trainer:
                                   announce=is_console_rank)  # fmt: skip
         norms = LayerNormRing(self.module, self.optimizer, self.config.spikes.layer_norm_steps)
         self._announce_start()
+        timer = StepTimer(topo.device)  # the time split of the logged steps (scaling.core.profiler)
+        timing = contextlib.ExitStack()
+        rank_times = IntervalTimes()  # this rank's step and busy times since the last straggler report
+        if self.flops is not None:
+            peak = peak_flops_for(self.config.mfu_device, topo.device, self.module.dtype)
+            self.peak_flops = peak[0] if peak is not None else None
+            if peak is not None and is_console_rank:
+                _logger.info("MFU against %s: %.1f TFLOP/s (%s)", peak[1], peak[0] / 1e12, self.module.dtype)
         progress = None
         redirect = contextlib.ExitStack()
         if is_console_rank and sys.stderr.isatty():  # the bar for terminals; log lines are written above it
@@ -342,17 +372,23 @@ class Trainer:
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0  # since the last console line
         goodput = GoodputClock.for_attempt(self.metrics.config.log_dir if self.metrics else None, self.context.step)
         try:
+            timing.enter_context(timer.attach(self.module))  # after the watchdog: its heartbeat hook is chained
             while self.context.step < self.config.train_iterations:
                 step = self.context.step
+                report = self._at_report(step + 1)  # a log step every rank knows of in advance: timed, gathered
+                timer.start_step(report)  # on CUDA the timed steps synchronize at each phase boundary
                 start = time.perf_counter()
                 watchdog.beat("data", step)
                 guard.step_over_bad_batches(self.train_data)  # batches in the bad-batch ledger are not replayed
                 batches = self.train_data.next_batches()
+                timer.enter("loss_sync")  # until the first instruction: the schedule, the loss weighting
                 watchdog.beat("forward/backward", step)
                 result = self.module.train_step(batches, step=step, loss_scale=self.optimizer.loss_scale)
+                timer.enter("optimizer")
                 watchdog.beat("optimizer", step)
                 with guard.learning_rate(self.optimizer, step):  # lowered for a while after a rollback
                     update = self.optimizer.step(step, guard.loss_for_update(result.loss, self.module, self.optimizer))
+                timer.enter("other")
                 norms.measure(step + 1, update)  # per-layer gradient norms, kept for the steps around an event
                 self.context.step += 1
                 self.context.consumed_samples = self.train_data.consumed
@@ -362,7 +398,9 @@ class Trainer:
                 if event is not None:
                     layer_norms = norms.event() if norms.enabled else None  # the ring goes into the ledger entry
                     diverged = guard.record(event, self.train_data, layer_norms) or diverged  # abort, max_events
+                split = timer.stop_step()  # seconds per phase, None on an untimed step
                 seconds = time.perf_counter() - start
+                rank_times.add(seconds, seconds - sum(split[p] for p in COMMUNICATION_PHASES) if split else None)
                 tokens = _tokens_in(batches) * topo.dp_size
                 window_steps, window_tokens = window_steps + 1, window_tokens + tokens
                 last = self.context.step == self.config.train_iterations
@@ -387,6 +425,13 @@ class Trainer:
                         **{f"lr/{name}": lr for name, lr in update.learning_rates.items()},
                         **{k: float(v) for k, v in result.metrics.items()},
                     }
+                    if self.flops is not None:
+                        per_s = tokens / seconds
+                        record.update(throughput_metrics(self.flops, per_s, topo.world_size, self.peak_flops))
+                    if split is not None:
+                        record.update({f"time/{phase}_s": value for phase, value in split.items()})
+                    if report:
+                        record.update(self._straggler_report(rank_times))
                     self._log(record)
                     if progress is not None:
                         progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -439,6 +484,7 @@ class Trainer:
                 if stop:
                     break
         finally:
+            timing.close()  # the module's instruction hook and grad sync as they were
             if self._saver is not None:
                 self._saver.close()  # the save in flight finishes (or fails, logged) before the run returns
             watchdog.stop()
@@ -448,6 +494,24 @@ class Trainer:
             if progress is not None:
                 progress.close()
         return self.context
+
+    def _at_report(self, step: int) -> bool:
+        """Whether finishing ``step`` logs at the interval, first or last: the same answer on every rank
+        before the step runs (steps logged because of an event are known only after it)."""
+        return step % self.config.log_interval == 0 or step == 1 or step == self.config.train_iterations
+
+    def _straggler_report(self, interval: IntervalTimes) -> dict[str, float]:
+        """Gather every rank's mean step and busy time and peak memory (collective: every rank, report
+        steps only); rank 0 warns about a straggler. Starts the next interval and memory peak."""
+        device = self.context.topology.device
+        sample = RankSample(interval.mean_step_s(), interval.mean_busy_s(), peak_memory_bytes(device))
+        report = gather_rank_samples(sample, device)
+        interval.reset()
+        reset_peak_memory(device)
+        line = report.warning(self.config.straggler_threshold)
+        if line is not None and self.context.topology.global_rank == 0:
+            _logger.warning("%s", line)
+        return report.metrics()
 
     def _log(self, record: dict[str, float]) -> None:
         entry = {"step": float(self.context.step), **record}
