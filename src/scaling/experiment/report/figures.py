@@ -56,9 +56,16 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def memory_keys(run: Run) -> list[str]:
-    """The run's memory metrics: ``peak_memory_bytes`` and any ``memory/*`` key with a value."""
+    """The run's memory metrics in bytes: ``peak_memory_bytes`` and the ``memory/*`` keys ending in ``bytes``.
+
+    Per-rank keys (``memory/rank_3_peak_bytes``) are shown only when the run logged no total over the ranks,
+    so a run of many ranks plots a few curves, not one per rank. Other ``memory/*`` keys (``memory/peak_rank``,
+    which rank it was) are no amounts of memory.
+    """
     names = [name for name in run.series if name == "peak_memory_bytes" or name.startswith("memory/")]
-    return sorted(name for name in names if run.series[name].finite())
+    amounts = sorted(name for name in names if name.endswith("bytes") and run.series[name].finite())
+    totals = [name for name in amounts if "rank_" not in name]
+    return totals or amounts
 
 
 def throughput_key(run: Run) -> str | None:

@@ -86,8 +86,10 @@ def _runs_table(runs: Sequence[Run]) -> str:
         _row("folder", [str(run.path) for run in runs]),
         _row("kind", [run.kind for run in runs]),
         _row("experiment", [field(run, "experiment") for run in runs]),
+        _row("seed", [field(run, "seed") for run in runs]),
         _row("started", [field(run, "started") for run in runs]),
         _row("ended", [field(run, "ended") for run in runs]),
+        _row("attempts", [field(run, "attempts") for run in runs]),
     ]
     return f"<table>{_header(runs, 'run')}{''.join(rows)}</table>"
 
@@ -105,7 +107,7 @@ def _value(value: object) -> str:
 
 
 def _params_table(runs: Sequence[Run]) -> str:
-    keys = sorted({key for run in runs for key in run.params})
+    keys = list(dict.fromkeys(key for run in runs for key in run.params))  # as the runs list them, first run first
     if not keys:
         return "<p>No run has recorded parameters (for a <code>scaling train</code> run, keep its config as " \
                "<code>config.yml</code> beside <code>metrics.jsonl</code>).</p>"  # fmt: skip

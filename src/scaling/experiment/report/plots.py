@@ -79,13 +79,12 @@ def _key_lines(key: str, scale: float = 1.0) -> Callable[[Sequence[Run]], list[L
     return lines
 
 
-def _throughput_lines(runs: Sequence[Run]) -> list[Line]:
-    lines = []
-    for index, run in enumerate(runs):
-        key = throughput_key(run)
-        if key is not None:
-            unit = "tokens/s" if key == "tokens_per_s" else "samples/s"
-            lines.append(Line(f"{run.name} ({unit})", run.series[key], index))
+def _throughput_lines(key: str) -> Callable[[Sequence[Run]], list[Line]]:
+    """The runs whose throughput is counted in ``key``: tokens and samples per second never share an axis."""
+
+    def lines(runs: Sequence[Run]) -> list[Line]:
+        return [Line(run.name, run.series[key], index) for index, run in enumerate(runs) if throughput_key(run) == key]
+
     return lines
 
 
@@ -102,7 +101,8 @@ _PLOTS: dict[str, tuple[str, str, Callable[[Sequence[Run]], list[Line]]]] = {
     "loss": ("Loss and eval loss", "loss", _loss_lines),
     "learning_rate": ("Learning rate", "learning rate", _lr_lines),
     "grad_norm": ("Gradient norm", "grad norm", _key_lines("grad_norm")),
-    "throughput": ("Throughput", "tokens/s (samples/s where no tokens)", _throughput_lines),
+    "tokens_per_s": ("Tokens per second", "tokens/s", _throughput_lines("tokens_per_s")),
+    "samples_per_s": ("Samples per second (no tokens)", "samples/s", _throughput_lines("samples_per_s")),
     "mfu": ("Model FLOPs utilisation", "MFU (% of peak)", _key_lines("mfu", scale=100.0)),  # logged as a fraction
     "memory": ("Memory", "GiB", _memory_lines),
 }

@@ -202,7 +202,7 @@ def read_run(run_dir: Path) -> Run:
 
 
 def read_runs(run_dirs: Sequence[Path]) -> list[Run]:
-    """Every run asked for, in order; two runs of one name are told apart by their parent folder."""
+    """Every run asked for, in order; runs of one name are called by their folders (which differ) instead."""
     runs = [read_run(path) for path in run_dirs]
     seen = [run.path.resolve() for run in runs]
     for index, path in enumerate(seen):
@@ -211,5 +211,5 @@ def read_runs(run_dirs: Sequence[Path]) -> list[Run]:
     names = [run.name for run in runs]
     for run in runs:
         if names.count(run.name) > 1:
-            run.name = f"{run.path.resolve().parent.name}/{run.name}"
+            run.name = str(run.path)
     return runs
