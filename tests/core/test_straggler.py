@@ -88,6 +88,8 @@ def test_report_arithmetic() -> None:
     assert report.slowest_rank == 1 and report.lag == pytest.approx(1.0)  # median busy 0.5
     assert report.peak_rank == 1
     assert report.warning(0.99) is not None and report.warning(1.0) is None
+    assert "rank 1 is 100% slower" in str(report.warning(0.2))
+    assert report.warning(0.2, min_excess_s=0.6) is None  # 0.5 s more than the median: below that floor
     assert report.metrics()["memory/peak_bytes"] == 30 and report.metrics()["memory/rank_2_peak_bytes"] == 20
     assert "memory/rank_0_peak_bytes" not in report.metrics(per_rank_limit=2)
     assert StragglerReport([RankSample(1.0, 1.0, 1)]).lag == 0

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from scaling.core.profiler import TokenFlops
 from scaling.transformer import Transformer
-from scaling.transformer.flops import FlopsPerToken, flops_per_token, recomputed_layers
+from scaling.transformer.flops import FlopsPerToken, flops_per_token, recomputed_layers, token_flops
 from scaling.transformer.model.config import TransformerArchitectureConfig
 
 TINY: dict[str, Any] = {
@@ -119,3 +120,20 @@ def test_flop_counter_over_a_real_forward_and_backward_agrees(kernel: str) -> No
     else:
         assert counted - sdpa == pytest.approx(without_attention, rel=1e-9)
         assert sdpa in (0, pytest.approx(3.5 * arch.num_layers * square, rel=1e-9)), sdpa
+
+
+def test_the_plain_model_exposes_its_flops_per_token() -> None:
+    from types import SimpleNamespace
+
+    from scaling.transformer.plain.model import ShardedTransformer
+
+    arch = TransformerArchitectureConfig.from_dict(TINY)
+    model = SimpleNamespace(architecture=arch)  # the property reads only the architecture: no world to build
+    assert ShardedTransformer.flops_per_token.fget(model) == flops_per_token(arch)  # type: ignore[attr-defined]
+
+
+def test_token_flops_for_the_trainer() -> None:
+    arch = TransformerArchitectureConfig.from_dict(TINY)
+    f = flops_per_token(arch)
+    assert token_flops(arch, "disabled") == TokenFlops(model=f.model, hardware=f.model)
+    assert token_flops(arch, "every_layer").hardware == f.model + 2 * f.layer_forward + f.head_forward

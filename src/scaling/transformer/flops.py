@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scaling.core.profiler.throughput import TokenFlops
 from scaling.transformer.model.config import TransformerArchitectureConfig
 
-__all__ = ["FlopsPerToken", "flops_per_token", "recomputed_layers"]
+__all__ = ["FlopsPerToken", "flops_per_token", "recomputed_layers", "token_flops"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +86,12 @@ def recomputed_layers(flops: FlopsPerToken, checkpointing: str, *, head: bool = 
     if value not in ("every_layer", "every_pipe_stage"):
         raise ValueError(f"unknown activation_checkpointing_type {checkpointing!r}")
     return flops.num_layers + (flops.head_forward / flops.layer_forward if head else 0.0)
+
+
+def token_flops(
+    arch: TransformerArchitectureConfig, checkpointing: str, sequence_length: int | None = None
+) -> TokenFlops:
+    """The two numbers the trainer reports FLOP/s, MFU and HFU from, for the pipeline engine's recomputation
+    under ``checkpointing`` (``topology.activation_checkpointing_type``)."""
+    flops = flops_per_token(arch, sequence_length)
+    return TokenFlops(model=flops.model, hardware=flops.hardware(recomputed_layers(flops, checkpointing)))

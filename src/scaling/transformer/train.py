@@ -37,6 +37,7 @@ from scaling.transformer.data.checks import (
 from scaling.transformer.data.datasets import FinetuningDataset, PretrainingDataset
 from scaling.transformer.data.tokenizer import Tokenizer
 from scaling.transformer.finetuning.apply import finetuning_adapter
+from scaling.transformer.flops import token_flops
 from scaling.transformer.model.layers import LanguageModelLoss, loss_tokens, transformer_layer_specs
 from scaling.transformer.preflight import check_before_launch
 
@@ -170,6 +171,10 @@ def train(config: TransformerConfig) -> Trainer:
             metrics,
             rng,
             checkpoint_files=files,
+            # Adapters skip the frozen weights' gradients: the 3 x forward count would overstate their MFU.
+            flops=token_flops(config.architecture, config.topology.activation_checkpointing_type)
+            if config.finetuning is None
+            else None,
         )
         trainer.run()
     return trainer

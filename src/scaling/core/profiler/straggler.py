@@ -79,14 +79,18 @@ class StragglerReport:
     def peak_rank(self) -> int:
         return max(range(len(self.samples)), key=lambda r: (self.samples[r].peak_bytes, -r))
 
-    def warning(self, threshold: float) -> str | None:
-        """The line rank 0 logs when the slowest rank lags by more than ``threshold``, else None."""
+    def warning(self, threshold: float, min_excess_s: float = 0.01) -> str | None:
+        """The line rank 0 logs when the slowest rank lags by more than ``threshold``, else None.
+
+        A lag of less than ``min_excess_s`` per step is not reported whatever its ratio: on steps of a few
+        milliseconds (tests, toy models) that much is the OS scheduler, not a slow rank.
+        """
         lag = self.lag
-        if lag <= threshold:
-            return None
         rank = self.slowest_rank
         sample = self.samples[rank]
         median = statistics.median(s.busy_s for s in self.samples)
+        if lag <= threshold or sample.busy_s - median < min_excess_s:
+            return None
         return (
             f"straggler: rank {rank} is {lag:.0%} slower than the median rank (busy {sample.busy_s:.3f} s/step "
             f"against {median:.3f} s; threshold {threshold:.0%}): the other ranks wait for it"

@@ -363,7 +363,7 @@ class Trainer:
             peak = peak_flops_for(self.config.mfu_device, topo.device, self.module.dtype)
             self.peak_flops = peak[0] if peak is not None else None
             if peak is not None and is_console_rank:
-                _logger.info("MFU against %s: %.1f TFLOP/s (%s)", peak[1], peak[0] / 1e12, self.module.dtype)
+                _logger.info("MFU against %s: %.4g TFLOP/s (%s)", peak[1], peak[0] / 1e12, self.module.dtype)
         progress = None
         redirect = contextlib.ExitStack()
         if is_console_rank and sys.stderr.isatty():  # the bar for terminals; log lines are written above it

@@ -47,6 +47,7 @@ from scaling.core.pipeline.module import ParallelModule
 from scaling.core.topology import Topology
 from scaling.core.zero.policy import Offload, ShardingPolicy
 from scaling.transformer.data.tokenizer import Tokenizer
+from scaling.transformer.flops import FlopsPerToken, flops_per_token
 from scaling.transformer.model.config import TransformerArchitectureConfig, check_against_tensor_parallel
 from scaling.transformer.model.layers import LanguageModelLoss, loss_tokens, transformer_layer_specs
 from scaling.transformer.plain.batches import normalise_batch
@@ -175,6 +176,13 @@ class ShardedTransformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.topology.device
+
+    @property
+    def flops_per_token(self) -> FlopsPerToken:
+        """FLOPs per trained token at the architecture's sequence length, for MFU in a loop of your own:
+        ``f.model`` (forward + backward); with activation checkpointing the hardware count is
+        ``f.hardware(recomputed_layers(f, "every_layer"))`` (:mod:`scaling.transformer.flops`, docs/metrics.md)."""
+        return flops_per_token(self.architecture)
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """The loss (a scalar) when ``batch`` has targets (``targets`` or Hugging Face ``labels``), else the
