@@ -6,7 +6,8 @@ its record.json and params.json) or a ``scaling train`` log dir (``logger.log_di
 metrics is read as that sub-folder. Runs still writing are read as far as they got.
 
 Writes the page (default ``report.html``) and, beside it, the plots as PNG files in ``STEM_files/``
-(``report_files/loss.png``, ...). The page embeds every plot and needs nothing else: no file, script or URL.
+(``report_files/loss.png``, ...); missing folders are made. The page embeds every plot and needs nothing
+else: no file, script or URL, so it can be mailed or opened offline.
 Needs matplotlib: ``pip install 'scaling[report]'``.
 """
 
@@ -29,7 +30,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="A folder with a metrics.jsonl.")
     parser.add_argument(
         "-o", "--output", type=Path, default=Path("report.html"), metavar="HTML",
-        help="The page to write (default: report.html); the PNGs go to HTML_STEM_files/ beside it.",
+        help="The page to write (default: report.html); the PNGs go to STEM_files/ beside it (folders are made).",
     )  # fmt: skip
     parser.add_argument("--title", default="scaling report", help="The page's heading.")
     return parser
