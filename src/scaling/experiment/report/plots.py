@@ -107,6 +107,9 @@ _PLOTS: dict[str, tuple[str, str, Callable[[Sequence[Run]], list[Line]]]] = {
     "memory": ("Memory", "GiB", _memory_lines),
 }
 PLOT_NAMES = tuple(_PLOTS)
+# Plots whose values can span orders of magnitude (a warmup from 1e-6, a norm that blew up): a log axis then.
+_LOG_WHEN_WIDE = frozenset({"learning_rate", "grad_norm"})
+_WIDE = 50.0  # max / min over which a linear axis flattens the small values into one line
 
 
 def _xy(series: Series, scale: float) -> tuple[list[int], list[float]]:
@@ -122,9 +125,14 @@ def _value_at(series: Series, step: int) -> float | None:
     return found
 
 
-def _mark_events(axes: Axes, runs: Sequence[Run], run_events: Sequence[list[Event]], on_loss: bool) -> None:
+def _mark_events(
+    axes: Axes, runs: Sequence[Run], run_events: Sequence[list[Event]], shown: set[int], on_loss: bool
+) -> None:
+    """Mark the events of the runs ``shown`` (by index) in this plot; a run not in it gets no lines either."""
     labelled: set[str] = set()
     for index, (run, found) in enumerate(zip(runs, run_events, strict=True)):
+        if index not in shown:
+            continue
         colour = _COLOURS[index % len(_COLOURS)]
         for event in found:
             axes.axvline(event.step, color=colour, linestyle=":", linewidth=1, alpha=0.7)
@@ -153,7 +161,10 @@ def _draw(name: str, runs: Sequence[Run], run_events: Sequence[list[Event]]) -> 
         axes.plot(steps, values, label=line.label, color=_COLOURS[line.run_index % len(_COLOURS)],
                   linestyle="--" if line.dashed else "-", marker="o" if few or line.dashed else None,
                   markersize=3, linewidth=1.5)  # fmt: skip
-    _mark_events(axes, runs, run_events, on_loss=name == "loss")
+    _mark_events(axes, runs, run_events, {line.run_index for line in lines}, on_loss=name == "loss")
+    values = [v * line.scale for line in lines for v in line.series.finite()]
+    if name in _LOG_WHEN_WIDE and min(values) > 0 and max(values) / min(values) > _WIDE:
+        axes.set_yscale("log")
     axes.set_title(title)
     axes.set_xlabel("step")
     axes.set_ylabel(ylabel)
