@@ -59,6 +59,10 @@ DELEGATED = {
         "Queue experiments on Slurm and follow them (submit, list, status, logs, cancel).",
         "scaling.cluster.queue.command",
     ),
+    "plan": (
+        "Predict memory, communication, step time and MFU of every layout before launching.",
+        "scaling.transformer.planning.command",
+    ),
     "report": ("Plot runs and compare them in one self-contained HTML page.", "scaling.experiment.report.command"),
 }
 

@@ -23,6 +23,7 @@ in between and for the last stage to drain), the figure Megatron-LM and GPipe qu
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 
@@ -75,7 +76,35 @@ def pipeline_timeline(
     """
     if min(forward_s, backward_s, p2p_s) < 0:
         raise ValueError(f"times must be >= 0: forward_s={forward_s}, backward_s={backward_s}, p2p_s={p2p_s}")
-    schedules = [build_schedule(schedule, n_micro, pp, stage, n_chunks) for stage in range(pp)]
+    kind = ScheduleType(schedule).value
+    if forward_s > 0:  # the timeline scales with its times: play it once per ratio (a planner asks for hundreds)
+        unit = _unit_timeline(kind, n_micro, pp, n_chunks, backward_s / forward_s, p2p_s / forward_s)
+        return PipelineTimeline(
+            makespan_s=unit.makespan_s * forward_s,
+            busy_s=[b * forward_s for b in unit.busy_s],
+            idle_s=[i * forward_s for i in unit.idle_s],
+            bubble_fraction=unit.bubble_fraction,
+            peak_in_flight=list(unit.peak_in_flight),
+        )
+    return _play(kind, n_micro, pp, n_chunks, forward_s, backward_s, p2p_s)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit_timeline(
+    schedule: str, n_micro: int, pp: int, n_chunks: int, backward_s: float, p2p_s: float
+) -> PipelineTimeline:
+    return _play(schedule, n_micro, pp, n_chunks, 1.0, backward_s, p2p_s)
+
+
+@functools.cache
+def _schedules(schedule: str, n_micro: int, pp: int, n_chunks: int) -> tuple[tuple[Instruction, ...], ...]:
+    return tuple(tuple(build_schedule(schedule, n_micro, pp, stage, n_chunks)) for stage in range(pp))
+
+
+def _play(
+    schedule: str, n_micro: int, pp: int, n_chunks: int, forward_s: float, backward_s: float, p2p_s: float
+) -> PipelineTimeline:
+    schedules = _schedules(schedule, n_micro, pp, n_chunks)
     chunk_forward, chunk_backward = forward_s / n_chunks, backward_s / n_chunks
     # (kind, sender, receiver) -> FIFO of (micro, chunk on the receiver, send time)
     channels: dict[tuple[str, int, int], deque[tuple[int, int, float]]] = {}

@@ -123,6 +123,13 @@ class MemoryEstimate:
     peak: int
     offload: bool = False
     host: int = 0
+    transient: int = 0  # the part of ``peak`` that one unit's gradient reduction holds for a moment
+
+    @property
+    def steady_peak(self) -> int:
+        """``peak`` without the reduction transient: what the step holds while no unit is being reduced
+        (the planner adds activations, whose own backward transient does not coincide with it)."""
+        return self.peak - self.transient
 
     @property
     def peak_bytes_per_parameter(self) -> float:
@@ -175,7 +182,9 @@ def estimate_memory(
         optimizer = _ADAM * t + (_MASTER * t if c < _MASTER else 0)
         gradients = r * t + (c * t if r != c else 0) + (_MASTER * t if r < _MASTER else 0)
         peak = parameters + optimizer + gradients + c * u
-        return MemoryEstimate(0, dp, compute_dtype, n, t, parameters, gradients, optimizer, peak + activation_bytes)
+        return MemoryEstimate(
+            0, dp, compute_dtype, n, t, parameters, gradients, optimizer, peak + activation_bytes, transient=c * u
+        )
 
     parameters = _MASTER * n // dp
     optimizer = _ADAM * t // dp
@@ -198,6 +207,7 @@ def estimate_memory(
     resident_device = gathered + reduce_work + accumulated  # what stays on the device with offload
     step = parameters + optimizer + sharded_grads
     peak = max(backward, step)
+    transient = reduce_work if backward >= step else 0
     if offload:
         return MemoryEstimate(
             zero_stage,
@@ -211,9 +221,19 @@ def estimate_memory(
             resident_device + activation_bytes,
             offload=True,
             host=parameters + optimizer + sharded_grads,
+            transient=reduce_work,
         )
     return MemoryEstimate(
-        zero_stage, dp, compute_dtype, n, t, parameters, gradients, optimizer, peak + activation_bytes
+        zero_stage,
+        dp,
+        compute_dtype,
+        n,
+        t,
+        parameters,
+        gradients,
+        optimizer,
+        peak + activation_bytes,
+        transient=transient,
     )
 
 
