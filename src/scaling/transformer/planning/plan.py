@@ -25,7 +25,7 @@ from scaling.transformer.model.config import TransformerArchitectureConfig, chec
 from scaling.transformer.planning.activations import LayerActivations, transformer_activations
 from scaling.transformer.planning.shapes import stage_layers, stage_param_sizes
 
-__all__ = ["PlanSettings", "plan_layout", "plan_layouts", "stage_activations"]
+__all__ = ["PlanSettings", "plan_layout", "plan_layouts", "stage_activations", "stage_memory"]
 
 _ADAM_STEP_BYTES = 4 * 4 * 2  # master, gradient, two moments: fp32, each read and written
 
@@ -61,6 +61,37 @@ def stage_activations(
     )
 
 
+def stage_memory(arch: TransformerArchitectureConfig, layout: Layout, settings: PlanSettings, stage: int) -> RankMemory:
+    """The predicted memory of a rank of pipeline stage ``stage`` (every tp and dp rank of a stage holds the
+    same): its parameter sizes, one micro-batch's activations and the schedule's in-flight count."""
+    compute_bytes = torch.empty((), dtype=settings.compute_dtype).element_size()
+    acts = transformer_activations(
+        arch,
+        micro_batch_size=layout.micro_batch_size,
+        sequence_length=settings.sequence_length,
+        tp=layout.tp,
+        compute_bytes=compute_bytes,
+    )
+    layers = stage_layers(arch, layout.pp, settings.partition_method, layout.n_chunks)
+    sizes = stage_param_sizes(arch, tp=layout.tp, pp=layout.pp, stage=stage,
+                              method=settings.partition_method, n_chunks=layout.n_chunks)  # fmt: skip
+    return rank_memory(
+        sizes,
+        stage_activations(arch, acts, layers[stage], pp=layout.pp, stage=stage),
+        zero_stage=layout.zero_stage,
+        dp=layout.dp,
+        n_micro=layout.n_micro,
+        pp=layout.pp,
+        stage=stage,
+        schedule=layout.schedule,
+        n_chunks=layout.n_chunks,
+        checkpointing=layout.checkpointing,
+        compute_dtype=settings.compute_dtype,
+        reduce_dtype=torch.float32 if settings.reduce_in_fp32 else None,
+        offload=settings.offload and layout.zero_stage > 0,
+    )
+
+
 def _model_problems(arch: TransformerArchitectureConfig, layout: Layout) -> list[str]:
     try:
         check_against_tensor_parallel(arch, layout.tp)
@@ -81,33 +112,10 @@ def plan_layout(arch: TransformerArchitectureConfig, layout: Layout, settings: P
         return LayoutPlan(layout, tokens_per_step=tokens_per_step, model_flops_per_step=model_flops,
                           device_memory=settings.device.memory_bytes, infeasible=tuple(problems))  # fmt: skip
     compute_bytes = torch.empty((), dtype=settings.compute_dtype).element_size()
-    acts = transformer_activations(
-        arch,
-        micro_batch_size=layout.micro_batch_size,
-        sequence_length=settings.sequence_length,
-        tp=layout.tp,
-        compute_bytes=compute_bytes,
-    )
     layers = stage_layers(arch, layout.pp, settings.partition_method, layout.n_chunks)
     worst: tuple[RankMemory, int] | None = None
     for stage in range(layout.pp):
-        sizes = stage_param_sizes(arch, tp=layout.tp, pp=layout.pp, stage=stage,
-                                  method=settings.partition_method, n_chunks=layout.n_chunks)  # fmt: skip
-        memory = rank_memory(
-            sizes,
-            stage_activations(arch, acts, layers[stage], pp=layout.pp, stage=stage),
-            zero_stage=layout.zero_stage,
-            dp=layout.dp,
-            n_micro=layout.n_micro,
-            pp=layout.pp,
-            stage=stage,
-            schedule=layout.schedule,
-            n_chunks=layout.n_chunks,
-            checkpointing=layout.checkpointing,
-            compute_dtype=settings.compute_dtype,
-            reduce_dtype=torch.float32 if settings.reduce_in_fp32 else None,
-            offload=settings.offload and layout.zero_stage > 0,
-        )
+        memory = stage_memory(arch, layout, settings, stage)
         if worst is None or memory.peak > worst[0].peak:
             worst = (memory, stage)
     assert worst is not None
