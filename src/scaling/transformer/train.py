@@ -21,6 +21,7 @@ from scaling.core.data import BlendedDataset, DistributedDataLoader, MemoryMapDa
 from scaling.core.logging import MetricsLogger, configure_logging
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
+from scaling.core.planner.table import budget_block
 from scaling.core.runner import launch
 from scaling.core.runner.restarts import add_restarts_argument, restart_overrides
 from scaling.core.runner.worker import BAD_INPUT_ERRORS, one_line, run_as_worker
@@ -39,6 +40,7 @@ from scaling.transformer.data.tokenizer import Tokenizer
 from scaling.transformer.finetuning.apply import finetuning_adapter
 from scaling.transformer.flops import token_flops
 from scaling.transformer.model.layers import LanguageModelLoss, loss_tokens, transformer_layer_specs
+from scaling.transformer.planning.command import config_plan, training_device
 from scaling.transformer.preflight import check_before_launch
 
 __all__ = ["main", "train"]
@@ -146,6 +148,8 @@ def train(config: TransformerConfig) -> Trainer:
     topology = init_distributed(config.topology)
     coord = (topology.pp_rank, topology.dp_rank, topology.tp_rank)
     logger = configure_logging(config.logger, topology.global_rank, coord)
+    if topology.global_rank == 0:  # the layout's budget, as `scaling plan` and `--plan-only` print it
+        logger.info("%s", _budget(config))
     rng = RngTracker(config.trainer.seed, topology.coord, topology.device)
     module = build_module(config, topology, rng)
     optimizer = Optimizer.for_module(module, config.optimizer)
@@ -180,6 +184,12 @@ def train(config: TransformerConfig) -> Trainer:
     return trainer
 
 
+def _budget(config: TransformerConfig) -> str:
+    """The plan of this config's layout on the device ``trainer.mfu_device`` names (see ``scaling plan``)."""
+    device = training_device(config.trainer.mfu_device)
+    return budget_block(config_plan(config, device), device.name)
+
+
 def _train_this_rank(config: TransformerConfig) -> int:
     """One rank's whole run; after a graceful stop (SIGTERM, SIGINT) rank 0 says so in one line."""
     trainer = train(config)
@@ -204,6 +214,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "scaling train") -> int:
     parser.add_argument("config", help="YAML config (see `scaling config template --class "
                         "scaling.transformer.config:TransformerConfig`).")  # fmt: skip
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="print the layout's predicted memory, communication and step time (as at start-up) and stop; "
+        "the device is trainer.mfu_device's (see `scaling plan` for every layout)",
+    )
     add_restarts_argument(parser)
     args = parser.parse_args(argv)
     args.override += restart_overrides(args)  # --max-restarts N is -o runner.max_restarts=N
@@ -217,6 +233,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "scaling train") -> int:
         )
     try:
         config = TransformerConfig.from_yaml(args.config, args.override)
+        if args.plan_only:  # the plan needs no data, checkpoints or processes
+            print(_budget(config))
+            return 0
         check_before_launch(config)
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["DEVICES", "DeviceSpec", "device_spec", "measure_local_device", "spec_for_local_device"]
+__all__ = ["DEVICES", "DeviceSpec", "device_spec", "host_spec", "measure_local_device", "spec_for_local_device"]
 
 _T = 1e12
 _G = 1e9
@@ -91,6 +91,17 @@ def spec_for_local_device(device: torch.device | None = None) -> DeviceSpec | No
     return None
 
 
+def host_spec() -> DeviceSpec:
+    """This machine's CPU as a device with its RAM and no peak FLOP/s: plans on it size memory and
+    communication but predict no step time (``measure_local_device`` gives one a peak). Its memory is the
+    whole RAM, which every rank on the host shares."""
+    import os
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    # Every rank of a CPU run shares this host, so all its groups use the intra-node "link".
+    return DeviceSpec(name="cpu", memory_bytes=int(memory), gpus_per_node=os.cpu_count() or 1)
+
+
 def _timed_matmul_flops(device: torch.device, dtype: torch.dtype, size: int, seconds: float) -> float:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -125,5 +136,7 @@ def measure_local_device(
     known = spec_for_local_device(device)
     if known is not None:
         return replace(known, name=f"{known.name} (measured)", peak_flops=peaks, measured=True)
-    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
-    return DeviceSpec(name=f"{device.type} (measured)", memory_bytes=memory, peak_flops=peaks, measured=True)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+        return DeviceSpec(name="cuda (measured)", memory_bytes=memory, peak_flops=peaks, measured=True)
+    return replace(host_spec(), name="cpu (measured)", peak_flops=peaks, measured=True)

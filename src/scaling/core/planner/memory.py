@@ -124,7 +124,9 @@ def rank_memory(
         gradient_accumulation_steps=n_micro,
         offload=offload,
     )
-    # The loss's gradient over the logits is gone before the first unit's gradient is reduced: the larger
-    # of the two transients counts, on top of what the step holds and the activations kept.
-    transient = max(states.transient, activations.backward_transient)
+    # The loss's gradient over the logits is gone before the first unit's gradient is reduced, and that
+    # unit's own activations are freed by its backward before its reduction starts: the larger of the two
+    # moments counts, on top of what the step holds and the activations kept.
+    freed = activations.saved[-1] if activations.saved and in_flight else 0
+    transient = max(activations.backward_transient, states.transient - freed)
     return RankMemory(states, kept, in_flight, states.steady_peak + kept + transient)

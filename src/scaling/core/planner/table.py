@@ -14,18 +14,19 @@ from scaling.core.zero.memory import human_bytes
 __all__ = ["budget_block", "plan_table"]
 
 
-def _gb(n: float) -> str:
-    return f"{n / 2**30:.1f}"
+def _unit(largest: float) -> tuple[str, float]:
+    """GiB for real models, MiB for the small ones tests and laptops plan."""
+    return ("GiB", 2.0**30) if largest >= 2**30 else ("MiB", 2.0**20)
 
 
-def _comm(plan: LayoutPlan) -> str:
+def _comm(plan: LayoutPlan, scale: float) -> str:
     c = plan.communication
     if c is None:
         return "-"
     parts = []
     for group, volume in (("tp", c.tp), ("dp", c.dp), ("pp", c.pp)):
         if volume:
-            parts.append(f"{group} {_gb(volume)} {c.links.get(group, '?')}")  # type: ignore[call-overload]
+            parts.append(f"{group} {volume / scale:.1f} {c.links.get(group, '?')}")  # type: ignore[call-overload]
     return ", ".join(parts) or "none"
 
 
@@ -33,15 +34,18 @@ def plan_table(plans: Sequence[LayoutPlan], *, top: int = 15, show_infeasible: i
     """The best ``top`` layouts that fit (memory in GiB per rank, communication in GiB per rank and step
     with its link), then up to ``show_infeasible`` that do not, each with why."""
     fitting = [p for p in plans if p.fits][:top]
-    rows = [("#", "layout", "params", "grads", "optim", "acts", "peak", "bubble", "comm GiB/step", "step s",
-             "tokens/s", "MFU")]  # fmt: skip
+    unit, scale = _unit(max((p.memory.peak for p in fitting if p.memory is not None), default=0))
+    comm_unit, comm_scale = _unit(max((p.communication.total for p in fitting if p.communication), default=0))
+    rows: list[tuple[str, ...]] = [("#", "layout", f"params {unit}", "grads", "optim", "acts", "peak", "bubble",
+             f"comm {comm_unit}/step", "step s", "tokens/s", "MFU")]  # fmt: skip
     for i, p in enumerate(fitting, 1):
         m, t = p.memory, p.time
-        assert m is not None and t is not None
+        assert m is not None
+        timing = (f"{t.bubble_fraction:.1%}", f"{t.step_s:.3g}", f"{p.tokens_per_s:,.0f}", f"{p.mfu:.1%}") if t else (
+            "-", "-", "-", "-")  # fmt: skip
         rows.append((
-            str(i), p.layout.describe(), _gb(m.parameters), _gb(m.gradients), _gb(m.optimizer), _gb(m.activations),
-            _gb(m.peak), f"{t.bubble_fraction:.1%}", _comm(p), f"{t.step_s:.3g}", f"{p.tokens_per_s:,.0f}",
-            f"{p.mfu:.1%}",
+            str(i), p.layout.describe(), *(f"{v / scale:.1f}" for v in (m.parameters, m.gradients, m.optimizer,
+            m.activations, m.peak)), timing[0], _comm(p, comm_scale), *timing[1:],
         ))  # fmt: skip
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -73,10 +77,15 @@ def budget_block(plan: LayoutPlan, device: str) -> str:
         lines.append(
             f"  memory per rank: parameters {human_bytes(m.parameters)}, gradients {human_bytes(m.gradients)}, "
             f"optimizer {human_bytes(m.optimizer)}, activations {human_bytes(m.activations)} "
-            f"({m.in_flight} micro-batches in flight), peak {human_bytes(m.peak)}{limit}"
+            f"({m.in_flight} micro-batch{'es' if m.in_flight != 1 else ''} in flight), "
+            f"peak {human_bytes(m.peak)}{limit}"
         )
-    if c is not None and t is not None:
-        lines.append(f"  communication per rank and step: {_comm(plan)} (GiB, link)")
+    if c is not None:
+        unit, scale = _unit(c.total)
+        lines.append(f"  communication per rank and step: {_comm(plan, scale)} ({unit}, link)")
+    if t is None and m is not None:
+        lines.append("  step time: not predicted (the device has no peak FLOP/s; set trainer.mfu_device)")
+    elif t is not None:
         lines.append(
             f"  predicted step {t.step_s:.3g} s: compute {t.compute_s:.3g}, recompute {t.recompute_s:.3g}, "
             f"tp {t.tp_comm_s:.3g}, dp {t.dp_comm_s:.3g}, pp {t.pp_comm_s:.3g}, bubble {t.bubble_s:.3g} "

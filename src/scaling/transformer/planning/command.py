@@ -18,13 +18,20 @@ from pathlib import Path
 import torch
 
 from scaling.core.config import ConfigError
-from scaling.core.planner.devices import DEVICES, DeviceSpec, device_spec, measure_local_device, spec_for_local_device
+from scaling.core.planner.devices import (
+    DEVICES,
+    DeviceSpec,
+    device_spec,
+    host_spec,
+    measure_local_device,
+    spec_for_local_device,
+)
 from scaling.core.planner.layout import Layout, LayoutPlan
 from scaling.core.planner.table import budget_block, plan_table
 from scaling.transformer.model.config import TransformerArchitectureConfig
 from scaling.transformer.planning.plan import PlanSettings, plan_layout, plan_layouts
 
-__all__ = ["config_plan", "main", "parse_memory", "resolve_device"]
+__all__ = ["config_plan", "main", "parse_memory", "resolve_device", "training_device"]
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
@@ -65,6 +72,16 @@ def resolve_device(name: str | None, memory: str | None = None, gpus_per_node: i
 
         spec = replace(spec, **updates)  # type: ignore[arg-type]
     return spec
+
+
+def training_device(mfu_device: str = "auto") -> DeviceSpec:
+    """The device a run plans for, from ``trainer.mfu_device``: a table name; ``measured``; ``auto``, the
+    local GPU's table entry, else this machine's CPU (memory only, no step time)."""
+    if mfu_device == "measured":
+        return measure_local_device()
+    if mfu_device != "auto":
+        return device_spec(mfu_device)
+    return spec_for_local_device() or host_spec()
 
 
 def config_plan(config: object, device: DeviceSpec, *, gpus_per_node: int | None = None) -> LayoutPlan:

@@ -3,8 +3,8 @@
 Runs in every rank of an initialised world (``scaling.core.testing.run_distributed`` in the tests,
 ``benchmarks/planner.py``): builds the transformer through the engine on each layout (same world size),
 trains two steps inside torch's memory tracker (:func:`scaling.core.zero.memory.measure_peak`) and returns
-this rank's measured peak next to the planner's prediction for the same rank. Two steps, because the
-optimizer's state only exists from the first one on.
+this rank's measured peak and step time. Two steps, because the optimizer's state only exists from the
+first one on; then two more outside the tracker (which slows every operator) for the time.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ STEPS = 2
 
 @dataclass(frozen=True)
 class MeasuredLayout:
-    """One rank's figures for one layout: measured peak bytes of live tensors over two training steps and
-    their mean wall time, and the parameter sizes its table holds (what the planner must reproduce)."""
+    """One rank's figures for one layout: measured peak bytes of live tensors over two training steps, the
+    wall time of a later step, and the parameter sizes its table holds (what the planner must reproduce)."""
 
     layout: dict[str, Any]
     rank: int
@@ -88,6 +88,8 @@ def _one(arch: TransformerArchitectureConfig, layout: dict[str, Any]) -> Measure
 
     measurement = measure_peak(train, module, optimizer)
     peak = measurement.peak_bytes
+    times.clear()  # the tracker slows every operator: time steps without it
+    train()
     sizes = [(s.name, s.numel, s.trainable, s.layer) for s in param_sizes(module.param_table.values())]
     return MeasuredLayout(
         layout,

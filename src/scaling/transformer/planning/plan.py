@@ -44,6 +44,11 @@ class PlanSettings:
     partition_method: str = "uniform"
 
 
+def _gib(n: int) -> str:
+    """Two decimals, so a layout just over the limit does not read as equal to it."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else human_bytes(n)
+
+
 def stage_activations(
     arch: TransformerArchitectureConfig, acts: LayerActivations, layers: list[int], *, pp: int, stage: int
 ) -> StageActivations:
@@ -161,7 +166,7 @@ def plan_layout(arch: TransformerArchitectureConfig, layout: Layout, settings: P
     device_memory = settings.device.memory_bytes
     infeasible: tuple[str, ...] = ()
     if device_memory and memory.peak > device_memory:
-        infeasible = (f"needs {human_bytes(memory.peak)} > {human_bytes(device_memory)} (stage {stage})",)
+        infeasible = (f"needs {_gib(memory.peak)} > {_gib(device_memory)} (stage {stage})",)
     return LayoutPlan(
         layout,
         memory=memory,
