@@ -1,9 +1,10 @@
 """The planner against reality: predicted and measured peak memory and step time, per layout and rank.
 
-    python benchmarks/planner.py [--hidden 64] [--layers 4] [--seq 64] [--steps-timed 2]
+    python benchmarks/planner.py [--hidden 512] [--layers 4] [--seq 256]
 
-Trains a small transformer through the engine on the layouts of ``tests/transformer/test_plan_memory.py``
-(ZeRO 0-3, bf16, 1F1B and GPipe, tp, checkpointing per layer and per stage) in a 2-process gloo world on
+Trains a transformer through the engine on the layouts the memory test checks
+(``scaling.transformer.planning.measured.CHECK_LAYOUTS``:
+ZeRO 0-3, bf16, 1F1B and GPipe, tp, checkpointing per layer and per stage) in a 2-process gloo world on
 this machine, measures each rank's peak of live tensor bytes (torch's memory tracker) and its step time,
 and prints them beside the plan's prediction with the error of each. Step times are predicted against
 this machine's own matmul peak (measured in a rank, with the rank's one thread), since a CPU has no
@@ -15,22 +16,15 @@ against the device table.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import torch
 
-import torch  # noqa: E402
-
-from scaling.core.planner.devices import measure_local_device  # noqa: E402
-from scaling.core.testing import run_distributed  # noqa: E402
-from scaling.transformer.model.config import TransformerArchitectureConfig  # noqa: E402
-from scaling.transformer.planning.measured import measure_layouts  # noqa: E402
-from scaling.transformer.planning.plan import PlanSettings, plan_layout, stage_memory  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.transformer.test_plan_memory import LAYOUTS, _layout  # noqa: E402
+from scaling.core.planner.devices import measure_local_device
+from scaling.core.testing import run_distributed
+from scaling.transformer.model.config import TransformerArchitectureConfig
+from scaling.transformer.planning.measured import CHECK_ARCH, CHECK_LAYOUTS, layout_of, measure_layouts
+from scaling.transformer.planning.plan import PlanSettings, plan_layout, stage_memory
 
 
 def _in_rank(arch: dict[str, Any], layouts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -40,15 +34,14 @@ def _in_rank(arch: dict[str, Any], layouts: list[dict[str, Any]]) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size (the test's model: 64)")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=256, help="sequence length (the test's model: 64)")
     args = parser.parse_args(argv)
-    fields = {"vocab_size": 256, "vocab_multiple": 8, "hidden_size": args.hidden, "num_layers": args.layers,
-              "num_attention_heads": 4, "num_kv_heads": 2, "intermediate_size": 2 * args.hidden,
-              "sequence_length": args.seq}  # fmt: skip
+    fields = {**CHECK_ARCH, "hidden_size": args.hidden, "num_layers": args.layers,
+              "intermediate_size": 2 * args.hidden, "sequence_length": args.seq}  # fmt: skip
     arch = TransformerArchitectureConfig.from_dict(fields)
-    results = run_distributed(_in_rank, 2, fields, LAYOUTS, timeout_s=600)
+    results = run_distributed(_in_rank, 2, fields, CHECK_LAYOUTS, timeout_s=600)
     spec = measure_local_device(dtypes=(torch.float32,), seconds=0.01)  # a spec to fill with the rank's peaks
     spec = type(spec)(**{**spec.__dict__, "peak_flops": results[0]["peak_flops"], "gpus_per_node": 2})
     header = ("layout", "precision", "stage", "rank", "peak MiB", "predicted", "error", "step s", "predicted",
@@ -57,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     memory_errors, time_ratios = [], []
     for per_rank in results:
         for m in per_rank["measured"]:
-            layout, stage = _layout(m["layout"]), m["coord"][0]
+            layout, stage = layout_of(m["layout"]), m["coord"][0]
             dtype = getattr(torch, m["layout"].get("precision", "float32"))
             settings = PlanSettings(device=spec, gpus_per_node=2, sequence_length=args.seq, compute_dtype=dtype)
             predicted = stage_memory(arch, layout, settings, stage)

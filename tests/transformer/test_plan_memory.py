@@ -20,40 +20,12 @@ from scaling.core.planner.layout import Layout
 from scaling.core.planner.memory import StageActivations, activation_peak, in_flight_micro_batches
 from scaling.core.testing import run_distributed
 from scaling.transformer.model.config import TransformerArchitectureConfig
-from scaling.transformer.planning.measured import measure_layouts
+from scaling.transformer.planning.measured import CHECK_ARCH, CHECK_LAYOUTS, layout_of, measure_layouts
 from scaling.transformer.planning.plan import PlanSettings, plan_layout, stage_memory
 from scaling.transformer.planning.shapes import stage_param_sizes
 
 TOLERANCE = 0.10
-ARCH = {
-    "vocab_size": 256, "vocab_multiple": 8, "hidden_size": 64, "num_layers": 4, "num_attention_heads": 4,
-    "num_kv_heads": 2, "intermediate_size": 128, "sequence_length": 64,
-}  # fmt: skip
-LAYOUTS: list[dict[str, Any]] = [
-    {"dp": 2, "zero_stage": 0, "n_micro": 2, "micro_batch_size": 2},
-    {"dp": 2, "zero_stage": 1, "n_micro": 2, "micro_batch_size": 2},
-    {"dp": 2, "zero_stage": 2, "n_micro": 1, "micro_batch_size": 2, "precision": "bfloat16"},
-    {"dp": 2, "zero_stage": 3, "n_micro": 2, "micro_batch_size": 2},
-    {"dp": 2, "zero_stage": 3, "n_micro": 2, "micro_batch_size": 2, "checkpointing": "every_layer"},
-    {"pp": 2, "zero_stage": 0, "n_micro": 4, "micro_batch_size": 2},
-    {"pp": 2, "zero_stage": 0, "n_micro": 4, "micro_batch_size": 2, "checkpointing": "every_layer"},
-    {"pp": 2, "zero_stage": 0, "n_micro": 4, "micro_batch_size": 2, "checkpointing": "every_pipe_stage"},
-    {"pp": 2, "zero_stage": 0, "n_micro": 3, "micro_batch_size": 2, "schedule": "gpipe"},
-    {"tp": 2, "zero_stage": 0, "n_micro": 2, "micro_batch_size": 2},
-]
-
-
-def _layout(fields: dict[str, Any]) -> Layout:
-    return Layout(
-        tp=fields.get("tp", 1),
-        pp=fields.get("pp", 1),
-        dp=fields.get("dp", 1),
-        zero_stage=fields.get("zero_stage", 0),
-        checkpointing=fields.get("checkpointing", "disabled"),
-        micro_batch_size=fields["micro_batch_size"],
-        n_micro=fields["n_micro"],
-        schedule=fields.get("schedule", "1f1b"),
-    )
+ARCH, LAYOUTS, _layout = CHECK_ARCH, CHECK_LAYOUTS, layout_of
 
 
 def _settings(fields: dict[str, Any]) -> PlanSettings:

@@ -20,14 +20,49 @@ from scaling.core.nn.precision import Precision, PrecisionConfig
 from scaling.core.optimizer.config import OptimizerConfig
 from scaling.core.optimizer.optimizer import Optimizer
 from scaling.core.pipeline.module import ParallelModule
+from scaling.core.planner.layout import Layout
 from scaling.core.topology import Topology, TopologyConfig
 from scaling.core.zero.memory import live_tensor_bytes, measure_peak, param_sizes
 from scaling.transformer.model.config import TransformerArchitectureConfig
 from scaling.transformer.model.layers import LanguageModelLoss, loss_tokens, transformer_layer_specs
 
-__all__ = ["MeasuredLayout", "measure_layouts"]
+__all__ = ["CHECK_ARCH", "CHECK_LAYOUTS", "MeasuredLayout", "layout_of", "measure_layouts"]
 
 STEPS = 2
+
+# The check of tests/transformer/test_plan_memory.py and benchmarks/planner.py: a small transformer whose
+# activations are about half of every rank's peak, and ten layouts of a 2-process world that cover ZeRO 0-3,
+# fp32 and bf16, 1F1B and GPipe, tensor parallelism, and checkpointing per layer and per stage.
+CHECK_ARCH: dict[str, Any] = {
+    "vocab_size": 256, "vocab_multiple": 8, "hidden_size": 64, "num_layers": 4, "num_attention_heads": 4,
+    "num_kv_heads": 2, "intermediate_size": 128, "sequence_length": 64,
+}  # fmt: skip
+CHECK_LAYOUTS: list[dict[str, Any]] = [
+    {"dp": 2, "zero_stage": 0, "n_micro": 2, "micro_batch_size": 2},
+    {"dp": 2, "zero_stage": 1, "n_micro": 2, "micro_batch_size": 2},
+    {"dp": 2, "zero_stage": 2, "n_micro": 1, "micro_batch_size": 2, "precision": "bfloat16"},
+    {"dp": 2, "zero_stage": 3, "n_micro": 2, "micro_batch_size": 2},
+    {"dp": 2, "zero_stage": 3, "n_micro": 2, "micro_batch_size": 2, "checkpointing": "every_layer"},
+    {"pp": 2, "zero_stage": 0, "n_micro": 4, "micro_batch_size": 2},
+    {"pp": 2, "zero_stage": 0, "n_micro": 4, "micro_batch_size": 2, "checkpointing": "every_layer"},
+    {"pp": 2, "zero_stage": 0, "n_micro": 4, "micro_batch_size": 2, "checkpointing": "every_pipe_stage"},
+    {"pp": 2, "zero_stage": 0, "n_micro": 3, "micro_batch_size": 2, "schedule": "gpipe"},
+    {"tp": 2, "zero_stage": 0, "n_micro": 2, "micro_batch_size": 2},
+]
+
+
+def layout_of(fields: dict[str, Any]) -> Layout:
+    """The planner's :class:`Layout` of a measured layout's fields."""
+    return Layout(
+        tp=fields.get("tp", 1),
+        pp=fields.get("pp", 1),
+        dp=fields.get("dp", 1),
+        zero_stage=fields.get("zero_stage", 0),
+        checkpointing=fields.get("checkpointing", "disabled"),
+        micro_batch_size=fields["micro_batch_size"],
+        n_micro=fields["n_micro"],
+        schedule=fields.get("schedule", "1f1b"),
+    )
 
 
 @dataclass(frozen=True)
