@@ -53,18 +53,20 @@ def plan_table(plans: Sequence[LayoutPlan], *, top: int = 15, show_infeasible: i
         lines.append("(no layout fits)")
     infeasible = [p for p in plans if not p.fits]
     if infeasible and show_infeasible:
-        lines.append("")
-        lines.append(f"{len(infeasible)} layouts do not fit or cannot run, for example:")
-        seen: set[str] = set()
+        lines += [
+            "",
+            f"{len(infeasible)} layouts do not fit or cannot run; the closest to fitting and one of each other reason:",
+        ]
+        too_big = [p for p in infeasible if p.memory is not None]  # ordered by how far they are from fitting
+        others: dict[str, LayoutPlan] = {}
         for p in infeasible:
-            reason = "; ".join(p.infeasible)
-            key = reason.split(" (")[0] if reason.startswith("needs") else reason
-            if key in seen and len(seen) < show_infeasible:
-                continue
-            seen.add(key)
+            if p.memory is None:
+                for reason in p.infeasible:
+                    others.setdefault(reason, p)
+        shown = [(p, "; ".join(p.infeasible)) for p in too_big[: max(1, show_infeasible // 2)]]
+        shown += [(p, reason) for reason, p in others.items()]
+        for p, reason in shown[:show_infeasible]:
             lines.append(f"  {p.layout.describe()}: {reason}")
-            if len(seen) >= show_infeasible:
-                break
     return "\n".join(lines)
 
 
