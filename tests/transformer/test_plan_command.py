@@ -4,8 +4,6 @@ the config's own budget, and one line with exit 2 for bad input."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -102,7 +100,11 @@ def test_memory_sizes_read_as_datasheets_write_them() -> None:
     assert parse_memory("1.5 TB") == 1.5 * 10**12
 
 
-def test_the_console_script_has_plan() -> None:
-    scaling = Path(sys.executable).with_name("scaling")
-    result = subprocess.run([str(scaling), "plan", "--help"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "--gpu-memory" in result.stdout and "--preset" in result.stdout
+def test_the_scaling_command_has_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    from scaling.cli.main import main as scaling
+
+    with pytest.raises(SystemExit) as exit_info:
+        scaling(["plan", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--gpu-memory" in out and "--preset" in out and "measured" in out

@@ -99,6 +99,9 @@ def test_scaling_train_launches_two_processes_and_the_loss_falls(tmp_path: Path)
     # rank 0 prints the layout's budget from the planner before building the model (docs/planning.md)
     assert "plan for tp 1 pp 1 dp 2 ZeRO 0 ckpt off mbs 2 x 1 on cpu:" in result.stderr
     assert "memory per rank: parameters" in result.stderr
+    # the resolved config beside the metrics, for `scaling report` (docs/report.md)
+    saved = json.loads((tmp_path / "logs" / "config.json").read_text())
+    assert saved["trainer"]["train_iterations"] == 12 and saved["topology"]["data_parallel_size"] == 2
     records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5

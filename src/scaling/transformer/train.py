@@ -163,6 +163,8 @@ def train(config: TransformerConfig) -> Trainer:
     logger.debug("this rank holds %.2fM parameters (%s)", parameters / 1e6, module.extra_repr())
     is_metrics_rank = topology.is_last_pipe_stage and topology.dp_rank == 0 and topology.tp_rank == 0
     metrics_logger = MetricsLogger(config.logger, enabled=is_metrics_rank, run_config=config.to_dict())
+    if is_metrics_rank and config.logger.log_dir is not None:  # `scaling report` shows a run's parameters from it
+        _write_run_config(Path(config.logger.log_dir), config)
     with train_data, validation, metrics_logger as metrics:  # the loaders' reader processes end with the run
         files = {"tokenizer.json": config.data.tokenizer} if config.data.tokenizer is not None else {}
         trainer = Trainer(
@@ -182,6 +184,17 @@ def train(config: TransformerConfig) -> Trainer:
         )
         trainer.run()
     return trainer
+
+
+def _write_run_config(log_dir: Path, config: TransformerConfig) -> None:
+    """The resolved config beside ``metrics.jsonl`` as ``config.json`` (the latest attempt's, written
+    atomically), so the metrics say what produced them."""
+    import json
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    partial = log_dir / "config.json.partial"
+    partial.write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True, default=str) + "\n")
+    partial.replace(log_dir / "config.json")
 
 
 def _budget(config: TransformerConfig) -> str:

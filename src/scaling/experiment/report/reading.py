@@ -5,7 +5,8 @@ Two kinds of run directory are read, both by the ``metrics.jsonl`` they hold:
 * an experiment run (``runs/EXPERIMENT/RUN_NAME/``, :mod:`scaling.experiment.records`): ``record.json``
   (name, status), ``params.json`` (the parameters) and the metrics of ``scaling.experiment.metrics``;
 * a ``scaling train`` log dir (``logger.log_dir``, :mod:`scaling.core.logging.metrics`): ``metrics.jsonl``
-  and, if the user keeps one there, ``config.json`` / ``config.yml`` / ``config.yaml`` as the parameters.
+  and ``config.json`` (which ``scaling train`` writes there) or a kept ``config.yml`` / ``config.yaml`` as the
+  parameters.
 
 A folder without ``metrics.jsonl`` whose one sub-folder has it is read as that sub-folder (a log dir one
 level down); with several such sub-folders the user is asked to name them, rather than guessing.

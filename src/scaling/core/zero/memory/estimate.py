@@ -207,22 +207,9 @@ def estimate_memory(
     resident_device = gathered + reduce_work + accumulated  # what stays on the device with offload
     step = parameters + optimizer + sharded_grads
     peak = max(backward, step)
-    transient = reduce_work if backward >= step else 0
-    if offload:
-        return MemoryEstimate(
-            zero_stage,
-            dp,
-            compute_dtype,
-            n,
-            t,
-            parameters,
-            gradients,
-            optimizer,
-            resident_device + activation_bytes,
-            offload=True,
-            host=parameters + optimizer + sharded_grads,
-            transient=reduce_work,
-        )
+    transient = reduce_work if backward >= step or offload else 0
+    # With offload the shards, gradients and optimizer state live on the host; the device holds the rest.
+    device_peak = resident_device if offload else peak
     return MemoryEstimate(
         zero_stage,
         dp,
@@ -232,7 +219,9 @@ def estimate_memory(
         parameters,
         gradients,
         optimizer,
-        peak + activation_bytes,
+        device_peak + activation_bytes,
+        offload=offload,
+        host=parameters + optimizer + sharded_grads if offload else 0,
         transient=transient,
     )
 
