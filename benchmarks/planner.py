@@ -29,7 +29,7 @@ from scaling.transformer.planning.plan import PlanSettings, plan_layout, stage_m
 
 def _in_rank(arch: dict[str, Any], layouts: list[dict[str, Any]]) -> dict[str, Any]:
     spec = measure_local_device(dtypes=(torch.float32, torch.bfloat16), seconds=0.5)
-    return {"peak_flops": spec.peak_flops, "measured": measure_layouts(arch, layouts)}
+    return {"peak_flops": spec.peak_flops, "measured": measure_layouts(arch, layouts, timed=True)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,7 +88,7 @@ def _batches(n: int, micro: int, seq: int, vocab: int) -> list[dict[str, torch.T
     return out
 
 
-def _one(arch: TransformerArchitectureConfig, layout: dict[str, Any]) -> MeasuredLayout:
+def _one(arch: TransformerArchitectureConfig, layout: dict[str, Any], timed: bool) -> MeasuredLayout:
     topo = Topology(
         TopologyConfig(
             model_parallel_size=layout.get("tp", 1),
@@ -123,8 +123,9 @@ def _one(arch: TransformerArchitectureConfig, layout: dict[str, Any]) -> Measure
 
     measurement = measure_peak(train, module, optimizer)
     peak = measurement.peak_bytes
-    times.clear()  # the tracker slows every operator: time steps without it
-    train()
+    if timed:
+        times.clear()  # the tracker slows every operator: time steps without it
+        train()
     sizes = [(s.name, s.numel, s.trainable, s.layer) for s in param_sizes(module.param_table.values())]
     return MeasuredLayout(
         layout,
@@ -137,16 +138,19 @@ def _one(arch: TransformerArchitectureConfig, layout: dict[str, Any]) -> Measure
     )
 
 
-def measure_layouts(arch_fields: dict[str, Any], layouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def measure_layouts(
+    arch_fields: dict[str, Any], layouts: list[dict[str, Any]], timed: bool = False
+) -> list[dict[str, Any]]:
     """This rank's measurement of every layout (each must use the whole world). The bytes alive before a
     layout's model is built (earlier models kept alive by autograd hooks' reference cycles) are taken off,
-    so each figure is what that layout's training holds. Plain dicts (``MeasuredLayout`` fields), so they
-    cross process boundaries as data."""
+    so each figure is what that layout's training holds. ``timed``: two more steps outside the tracker
+    give ``step_s`` (otherwise it is the time of a tracked step, which the tracker slows). Plain dicts
+    (``MeasuredLayout`` fields), so they cross process boundaries as data."""
     arch = TransformerArchitectureConfig.from_dict(arch_fields)
     out = []
     for layout in layouts:
         floor = live_tensor_bytes()
-        measured = _one(arch, layout)
+        measured = _one(arch, layout, timed)
         out.append(
             asdict(
                 MeasuredLayout(
