@@ -69,7 +69,7 @@ def stage_activations(
 def stage_memory(arch: TransformerArchitectureConfig, layout: Layout, settings: PlanSettings, stage: int) -> RankMemory:
     """The predicted memory of a rank of pipeline stage ``stage`` (every tp and dp rank of a stage holds the
     same): its parameter sizes, one micro-batch's activations and the schedule's in-flight count."""
-    compute_bytes = torch.empty((), dtype=settings.compute_dtype).element_size()
+    compute_bytes = settings.compute_dtype.itemsize
     acts = transformer_activations(
         arch,
         micro_batch_size=layout.micro_batch_size,
@@ -116,30 +116,22 @@ def plan_layout(arch: TransformerArchitectureConfig, layout: Layout, settings: P
     if problems:
         return LayoutPlan(layout, tokens_per_step=tokens_per_step, model_flops_per_step=model_flops,
                           device_memory=settings.device.memory_bytes, infeasible=tuple(problems))  # fmt: skip
-    compute_bytes = torch.empty((), dtype=settings.compute_dtype).element_size()
+    compute_bytes = settings.compute_dtype.itemsize
     layers = stage_layers(arch, layout.pp, settings.partition_method, layout.n_chunks)
-    worst: tuple[RankMemory, int] | None = None
-    for stage in range(layout.pp):
-        memory = stage_memory(arch, layout, settings, stage)
-        if worst is None or memory.peak > worst[0].peak:
-            worst = (memory, stage)
-    assert worst is not None
-    memory, stage = worst
-    decoder_layers = max(sum(1 for i in stage_layer if 0 < i <= arch.num_layers) for stage_layer in layers)
-    has_head = [arch.num_layers + 1 in stage_layer for stage_layer in layers]
+    memory, stage = max(
+        ((stage_memory(arch, layout, settings, s), s) for s in range(layout.pp)), key=lambda m: m[0].peak
+    )
+    decoders = [sum(1 for i in stage_layer if 0 < i <= arch.num_layers) for stage_layer in layers]
     tokens_micro = layout.micro_batch_size * settings.sequence_length
-    per_stage = [
-        tokens_micro * 3 * (sum(1 for i in sl if 0 < i <= arch.num_layers) * flops.layer_forward
-                            + (flops.head_forward if head else 0)) / layout.tp
-        for sl, head in zip(layers, has_head, strict=True)
-    ]  # fmt: skip
-    slowest = max(range(layout.pp), key=lambda s: per_stage[s])
-    recomputed = 0.0
-    if layout.checkpointing != "disabled":
-        stage_recompute = sum(1 for i in layers[slowest] if 0 < i <= arch.num_layers) * flops.layer_forward
-        if has_head[slowest]:
-            stage_recompute += flops.head_forward
-        recomputed = tokens_micro * stage_recompute / layout.tp
+    # One micro-batch's forward on each stage (per tensor-parallel rank); training is three of them, and
+    # checkpointing (every layer or every stage, head included, as the engine does) runs one more.
+    forward = [
+        tokens_micro * (n * flops.layer_forward + (flops.head_forward if arch.num_layers + 1 in sl else 0)) / layout.tp
+        for n, sl in zip(decoders, layers, strict=True)
+    ]
+    slowest = max(range(layout.pp), key=lambda s: forward[s])
+    recomputed = forward[slowest] if layout.checkpointing != "disabled" else 0.0
+    decoder_layers = max(decoders)
     state = memory.states
     communication = step_communication(
         tp=layout.tp,
@@ -162,7 +154,7 @@ def plan_layout(arch: TransformerArchitectureConfig, layout: Layout, settings: P
     if not settings.device.peak_flops:
         time = None  # a device without a peak (a CPU, unmeasured): memory and communication only
     else:
-        time = _predict_time(settings, layout, per_stage[slowest], recomputed, communication, state, compute_bytes)
+        time = _predict_time(settings, layout, 3 * forward[slowest], recomputed, communication, state, compute_bytes)
     device_memory = settings.device.memory_bytes
     infeasible: tuple[str, ...] = ()
     if device_memory and memory.peak > device_memory:
